@@ -1,0 +1,30 @@
+# Set-up and the two entry points of the README. Everything installs into .venv from the
+# exact closures in requirements/*.lock (--no-deps: the lock is the whole resolution).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test venv venv-test clean
+
+$(VENV)/.runtime-stamp: requirements/runtime.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --no-deps -r requirements/runtime.lock
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test-stamp: $(VENV)/.runtime-stamp requirements/test.lock
+	$(PIP) install -q --no-deps -r requirements/test.lock
+	touch $@
+
+venv: $(VENV)/.runtime-stamp
+venv-test: $(VENV)/.test-stamp
+
+demo: venv
+	$(PY) main.py --config=configs/hmpl.py:demo
+
+test: venv-test
+	$(PY) -m pytest -n 2 --dist loadgroup -ra
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,140 @@
+"""PyTorch state-dict layout -> Flax NNX state, by the naming rule of sam3i_jax.models.layers.
+
+The Flax module tree mirrors Meta's module names, so every Flax parameter has exactly one
+PyTorch key, found from its path and the type of the module that owns it:
+
+  nnx.Linear      kernel (in, out)        <- weight (out, in), transposed
+  nnx.Conv        kernel (kh, kw, I, O)   <- weight (O, I, kh, kw)
+  nnx.LayerNorm / nnx.GroupNorm scale     <- weight
+  nnx.Embed       embedding               <- weight
+  `X.in_proj` (fused MHA projection) kernel/bias <- `X.in_proj_weight` / `X.in_proj_bias`
+  anything else (raw nnx.Param)           <- the same name, unchanged
+
+Nothing here imports torch: state dicts arrive as {key: numpy array}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import numpy as np
+from flax import nnx
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+  return a
+
+
+def _linear_kernel(a: np.ndarray) -> np.ndarray:
+  return a.T
+
+
+def _conv_kernel(a: np.ndarray) -> np.ndarray:
+  return a.transpose(2, 3, 1, 0)
+
+
+_LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
+    nnx.Linear: {"kernel": ("weight", _linear_kernel), "bias": ("bias", _identity)},
+    nnx.Conv: {"kernel": ("weight", _conv_kernel), "bias": ("bias", _identity)},
+    nnx.LayerNorm: {"scale": ("weight", _identity), "bias": ("bias", _identity)},
+    nnx.GroupNorm: {"scale": ("weight", _identity), "bias": ("bias", _identity)},
+    nnx.Embed: {"embedding": ("weight", _identity)},
+}
+
+
+def _key(parts: Iterable) -> str:
+  return ".".join(str(p) for p in parts)
+
+
+def torch_key(module_path: tuple, module: nnx.Module, leaf: str) -> tuple[str, Transform]:
+  """The PyTorch key and the array transform for leaf `leaf` of `module` at `module_path`."""
+  for cls, rules in _LEAF_RULES.items():
+    if isinstance(module, cls) and leaf in rules:
+      name, transform = rules[leaf]
+      if module_path and module_path[-1] == "in_proj":  # torch MHA keeps its fused projection raw
+        return _key(module_path[:-1]) + f".in_proj_{name}", transform
+      return _key(module_path + (name,)), transform
+  return _key(module_path + (leaf,)), _identity
+
+
+def param_table(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Param, Transform]]:
+  """{torch key: (nnx path, the nnx.Param, transform)} for every parameter of `model`."""
+  table = {}
+  for path, module in model.iter_modules():
+    for name, value in vars(module).items():
+      if isinstance(value, nnx.Param):
+        key, transform = torch_key(tuple(path), module, name)
+        if key in table:
+          raise AssertionError(f"two Flax parameters map to the PyTorch key {key}")
+        table[key] = (tuple(path) + (name,), value, transform)
+  return table
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a state-dict load used, ignored, lacked or could not fit."""
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  missing: list[str] = dataclasses.field(default_factory=list)  # Flax params with no tensor
+  unexpected: list[str] = dataclasses.field(default_factory=list)  # tensors with no Flax param
+  mismatched: list[str] = dataclasses.field(default_factory=list)  # "key: torch shape -> flax shape"
+  ignored: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # reason -> keys
+
+  @property
+  def ok(self) -> bool:
+    return not (self.missing or self.unexpected or self.mismatched)
+
+  def summary(self, limit: int = 20) -> str:
+    lines = [f"loaded {len(self.loaded)} tensors"]
+    for reason, keys in self.ignored.items():
+      lines.append(f"ignored {len(keys)} tensors ({reason})")
+    for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                        ("shape mismatch", self.mismatched)):
+      if keys:
+        shown = "\n    ".join(keys[:limit])
+        more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+        lines.append(f"{title}: {len(keys)}\n    {shown}{more}")
+    return "\n".join(lines)
+
+
+class ConversionError(ValueError):
+  pass
+
+
+def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, prefix: str = "",
+                    ignore: dict[str, Callable[[str], bool]] | None = None,
+                    strict: bool = True) -> LoadReport:
+  """Fills `model`'s parameters in place from `state_dict` (keys under `prefix`).
+
+  ignore: {reason: predicate(key)} for tensors knowingly left out (reported, not silent).
+  strict: raise ConversionError listing missing, unexpected and mis-shaped tensors.
+  Tensors are consumed from `state_dict` as they are copied, so the caller's dict shrinks and a
+  full-size conversion never holds two copies of the weights.
+  """
+  ignore = ignore or {}
+  report = LoadReport()
+  table = param_table(model)
+  for key in [k for k in state_dict if k.startswith(prefix)]:
+    local = key[len(prefix):]
+    reason = next((r for r, pred in ignore.items() if pred(local)), None)
+    if reason is not None:
+      report.ignored.setdefault(reason, []).append(key)
+      continue
+    if local not in table:
+      report.unexpected.append(key)
+      continue
+    path, param, transform = table.pop(local)
+    array = transform(np.asarray(state_dict[key]))
+    shape = tuple(param.shape)
+    if tuple(array.shape) != shape:
+      report.mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> expected {shape} (as {path})")
+      continue
+    param[...] = np.asarray(array, dtype=param.dtype)
+    del state_dict[key]
+    report.loaded.append(key)
+  report.missing = sorted(prefix + k for k in table)
+  if strict and not report.ok:
+    raise ConversionError("checkpoint does not fit the model:\n" + report.summary())
+  return report
