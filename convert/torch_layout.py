@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -55,7 +56,7 @@ def torch_key(module_path: tuple, module: nnx.Module, leaf: str) -> tuple[str, T
     if isinstance(module, cls) and leaf in rules:
       name, transform = rules[leaf]
       if module_path and module_path[-1] == "in_proj":  # torch MHA keeps its fused projection raw
-        return _key(module_path[:-1]) + f".in_proj_{name}", transform
+        return _key(module_path[:-1] + (f"in_proj_{name}",)), transform
       return _key(module_path + (name,)), transform
   return _key(module_path + (leaf,)), _identity
 
@@ -108,7 +109,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
                     strict: bool = True) -> LoadReport:
   """Fills `model`'s parameters in place from `state_dict` (keys under `prefix`).
 
-  ignore: {reason: predicate(key)} for tensors knowingly left out (reported, not silent).
+  ignore: {reason: predicate(full key)} for tensors knowingly left out (reported, not silent).
   strict: raise ConversionError listing missing, unexpected and mis-shaped tensors.
   Tensors are consumed from `state_dict` as they are copied, so the caller's dict shrinks and a
   full-size conversion never holds two copies of the weights.
@@ -118,7 +119,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
   table = param_table(model)
   for key in [k for k in state_dict if k.startswith(prefix)]:
     local = key[len(prefix):]
-    reason = next((r for r, pred in ignore.items() if pred(local)), None)
+    reason = next((r for r, pred in ignore.items() if pred(key)), None)
     if reason is not None:
       report.ignored.setdefault(reason, []).append(key)
       continue
@@ -131,7 +132,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
     if tuple(array.shape) != shape:
       report.mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> expected {shape} (as {path})")
       continue
-    param[...] = np.asarray(array, dtype=param.dtype)
+    param.set_value(jnp.asarray(array, dtype=param.dtype))
     del state_dict[key]
     report.loaded.append(key)
   report.missing = sorted(prefix + k for k in table)

@@ -1,0 +1,33 @@
+"""Command line: `python -m convert sam3 --checkpoint PATH/sam3.pt --output DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert.torch_layout import ConversionError
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+  sub = parser.add_subparsers(dest="kind", required=True)
+  sam3 = sub.add_parser("sam3", help="Meta's SAM 3 checkpoint (sam3.pt, {'model': ...} dict or safetensors)")
+  sam3.add_argument("--checkpoint", required=True, help="path to sam3.pt or a .safetensors file")
+  sam3.add_argument("--output", required=True, help="new directory for the converted model")
+  sam3.add_argument("--preset", default="full", help="Sam3Config preset for sizes shapes do not fix")
+  sam3.add_argument("--model-config", help="JSON file of Sam3Config fields overriding the preset")
+  sam3.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
+  args = parser.parse_args(argv)
+
+  from convert.sam3 import convert_sam3, load_model_config
+  try:
+    convert_sam3(args.checkpoint, args.output, base=load_model_config(args.preset, args.model_config),
+                 vocab_path=args.vocab)
+  except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

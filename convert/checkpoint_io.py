@@ -1,0 +1,79 @@
+"""Reading PyTorch checkpoints (torch.save dicts or safetensors) lazily, tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping
+from typing import Iterator
+
+import numpy as np
+
+
+class TensorStore(MutableMapping):
+  """{key: numpy array} over a checkpoint, converting each tensor only when it is read.
+
+  Deleting a key drops the tensor, so a converter that consumes keys never holds the whole
+  checkpoint twice (torch.load uses mmap, so unread tensors stay on disk).
+  """
+
+  def __init__(self, tensors: dict, source: str):
+    self._tensors = tensors
+    self.source = source
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    t = self._tensors[key]
+    if hasattr(t, "detach"):  # torch.Tensor
+      import torch
+      t = t.detach()
+      if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+      return t.cpu().numpy()
+    return np.asarray(t)
+
+  def __setitem__(self, key, value):
+    self._tensors[key] = value
+
+  def __delitem__(self, key: str) -> None:
+    del self._tensors[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(list(self._tensors))
+
+  def __len__(self) -> int:
+    return len(self._tensors)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._tensors[key].shape)
+
+  def rename(self, mapping) -> "TensorStore":
+    """A store with keys renamed by `mapping(key) -> new key` (shares tensors)."""
+    return TensorStore({mapping(k): v for k, v in self._tensors.items()}, self.source)
+
+
+def read_checkpoint(path: str) -> TensorStore:
+  """Opens a `torch.save` dict (optionally wrapped as {"model": {...}}) or a .safetensors file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+    tensors = {}
+    with safe_open(path, framework="pt") as f:
+      for key in f.keys():
+        tensors[key] = f.get_tensor(key)
+    return TensorStore(tensors, path)
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError("reading PyTorch checkpoints needs torch: pip install 'sam3i-jax[convert]'") from e
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except RuntimeError:  # not a zip-format checkpoint: mmap is unsupported for legacy files
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    obj = obj["model"]
+  if not isinstance(obj, dict) or not obj:
+    raise ValueError(f"{path}: expected a state dict (or {{'model': state dict}}), got {type(obj).__name__}")
+  bad = [k for k, v in obj.items() if not hasattr(v, "shape")]
+  if bad:
+    raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
+  return TensorStore(dict(obj), path)

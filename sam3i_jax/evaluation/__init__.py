@@ -1,0 +1,1 @@
+"""Evaluation: post-processing of SAM 3 outputs into scored detections."""

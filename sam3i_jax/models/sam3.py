@@ -1,0 +1,147 @@
+"""The assembled SAM 3 image model (grounding path): `Sam3Image`, mirroring sam3/model/sam3_image.py.
+
+Data flow (batch-first, NHWC):
+  images (B,S,S,3) -> backbone.vision_backbone -> FPN levels [4g, 2g, g] + sine positions
+  token ids (B,32) -> backbone.language_backbone -> text tokens (B,32,D) + padding mask
+  boxes (B,N,4) -> geometry_encoder -> N+1 prompt tokens;  prompt = text ++ geometry
+  transformer.encoder fuses image tokens with the prompt; transformer.decoder predicts Q boxes + presence;
+  dot_prod_scoring gives the logits; segmentation_head the instance and semantic masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sam3i_jax.models.config import Sam3Config
+from sam3i_jax.models.decoder import TransformerDecoder
+from sam3i_jax.models.encoder import TransformerEncoderFusion
+from sam3i_jax.models.geometry_encoder import GeometryEncoder
+from sam3i_jax.models.heads import DotProductScoring, SegmentationHead
+from sam3i_jax.models.neck import VisionNeck
+from sam3i_jax.models.text_encoder import TextEncoder
+
+Outputs = dict[str, Any]
+
+
+class ImageFeatures(NamedTuple):
+  """The image side, computed once per image and reused for any number of prompts."""
+  fpn: list  # [(B,4g,4g,D), (B,2g,2g,D), (B,g,g,D)]
+  pos: list  # matching sine position maps, (h, w, D) each
+
+
+class TextFeatures(NamedTuple):
+  tokens: jax.Array  # (B, L, D) after the resizer
+  pad_mask: jax.Array  # (B, L) True = padding
+
+
+class Sam3VLBackbone(nnx.Module):
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    self.vision_backbone = VisionNeck(config, rngs=rngs)
+    self.language_backbone = TextEncoder(config, rngs=rngs)
+
+
+class TransformerWrapper(nnx.Module):
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    self.encoder = TransformerEncoderFusion(config, rngs=rngs)
+    self.decoder = TransformerDecoder(config, rngs=rngs)
+
+
+def box_cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
+  cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
+  return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
+
+
+class Sam3Image(nnx.Module):
+  """SAM 3's image model. Eval mode by default; `model.train()` enables dropout, drop path and DAC."""
+
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.backbone = Sam3VLBackbone(config, rngs=rngs)
+    self.geometry_encoder = GeometryEncoder(config, rngs=rngs)
+    self.transformer = TransformerWrapper(config, rngs=rngs)
+    self.dot_prod_scoring = DotProductScoring(config, rngs=rngs)
+    self.segmentation_head = SegmentationHead(config, rngs=rngs)
+    self.eval()  # eval mode by default (nnx.Dropout and drop path default to active)
+
+  # --- the two encoders --------------------------------------------------------------------
+  def encode_image(self, images: jax.Array) -> ImageFeatures:
+    """images: (B, S, S, 3) normalised to [-1, 1] (see sam3i_jax.preprocess)."""
+    expected = (self.config.img_size, self.config.img_size, 3)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f"images must be (B, {expected[0]}, {expected[1]}, 3), got {images.shape}")
+    fpn, pos = self.backbone.vision_backbone(images)
+    return ImageFeatures(list(fpn), list(pos))
+
+  def encode_text(self, token_ids: jax.Array) -> TextFeatures:
+    """token_ids: (B, context_length) int, 0 = padding (see sam3i_jax.tokenizer)."""
+    tokens, pad_mask, _ = self.backbone.language_backbone(token_ids)
+    return TextFeatures(tokens, pad_mask)
+
+  # --- prompt -> detections --------------------------------------------------------------------
+  def encode_prompt(self, image: ImageFeatures, text: TextFeatures, boxes=None, box_labels=None,
+                    box_mask=None) -> tuple[jax.Array, jax.Array]:
+    """prompt = text tokens ++ geometry tokens (boxes then CLS), with its padding mask."""
+    batch = text.tokens.shape[0]
+    if boxes is None:
+      boxes = jnp.zeros((batch, 0, 4), jnp.float32)
+    if box_labels is None:
+      box_labels = jnp.ones(boxes.shape[:2], bool)
+    if box_mask is None:
+      box_mask = jnp.zeros(boxes.shape[:2], bool)
+    geo, geo_mask = self.geometry_encoder(boxes, box_labels, box_mask, image.fpn[-1], image.pos[-1])
+    prompt = jnp.concatenate([text.tokens.astype(geo.dtype), geo], axis=1)
+    return prompt, jnp.concatenate([text.pad_mask, geo_mask], axis=1)
+
+  def ground(self, image: ImageFeatures, text: TextFeatures, boxes=None, box_labels=None,
+             box_mask=None) -> Outputs:
+    """Detection and segmentation for one prompt per batch row (image row i with text row i)."""
+    prompt, prompt_mask = self.encode_prompt(image, text, boxes, box_labels, box_mask)
+    feat = image.fpn[-1]
+    b, h, w, d = feat.shape
+    memory = self.transformer.encoder(feat.reshape(b, h * w, d), image.pos[-1].reshape(h * w, d),
+                                      prompt, prompt_mask)
+    return self.heads(image, memory, prompt, prompt_mask, (h, w))
+
+  def heads(self, image: ImageFeatures, memory: jax.Array, prompt: jax.Array,
+            prompt_mask: jax.Array, grid: tuple[int, int]) -> Outputs:
+    """Decoder, scoring, boxes and masks on top of the fused image tokens `memory` (B, g*g, D)."""
+    decoder = self.transformer.decoder
+    pos = image.pos[-1].reshape(grid[0] * grid[1], -1)
+    dec = decoder(memory, pos, prompt, prompt_mask, grid)
+    hs, refs, presence = dec["hs"], dec["ref_boxes"], dec["presence_logits"]
+    logits = self.dot_prod_scoring(hs, prompt, prompt_mask)
+    boxes = decoder.boxes(hs, refs)
+    pred_masks, semantic_seg = self.segmentation_head(image.fpn, hs[-1], memory, prompt, prompt_mask)
+    return self._collect(logits, boxes, presence, hs[-1], pred_masks, semantic_seg)
+
+  def _collect(self, logits, boxes, presence, queries, pred_masks, semantic_seg) -> Outputs:
+    """Names the outputs as the reference does; in training adds per-layer aux and o2m outputs."""
+    q = self.config.num_queries
+    xyxy = box_cxcywh_to_xyxy(boxes)
+    per_layer = {"pred_logits": logits, "pred_boxes": boxes, "pred_boxes_xyxy": xyxy}
+    out: Outputs = {k: v[-1, :, :q] for k, v in per_layer.items()}
+    out.update(pred_masks=pred_masks[:, :q], semantic_seg=semantic_seg, presence_logit=presence[-1],
+               queries=queries[:, :q])
+    if logits.shape[2] == q:  # eval: no one-to-many queries, no aux outputs
+      return out
+    out["aux_outputs"] = [
+        {**{k: v[layer, :, :q] for k, v in per_layer.items()}, "presence_logit": presence[layer]}
+        for layer in range(logits.shape[0] - 1)]
+    out.update({f"{k}_o2m": v[-1, :, q:] for k, v in per_layer.items()})
+    out["pred_masks_o2m"] = pred_masks[:, q:]
+    out["aux_outputs_o2m"] = [{f"{k}_o2m": v[layer, :, q:] for k, v in per_layer.items()}
+                              for layer in range(logits.shape[0] - 1)]
+    return out
+
+  def __call__(self, images: jax.Array, token_ids: jax.Array, boxes=None, box_labels=None,
+               box_mask=None) -> Outputs:
+    """images (B,S,S,3), token_ids (B,L), optional boxes (B,N,4) cxcywh in [0,1] with labels (B,N)
+    (True = positive) and mask (B,N) (True = padding). Returns pred_logits (B,Q,1), pred_boxes
+    (B,Q,4) cxcywh, pred_boxes_xyxy, pred_masks (B,Q,4g,4g), semantic_seg (B,1,4g,4g),
+    presence_logit (B,1), queries (B,Q,D); in training also aux_outputs and *_o2m."""
+    return self.ground(self.encode_image(images), self.encode_text(token_ids), boxes, box_labels,
+                       box_mask)

@@ -1,0 +1,105 @@
+"""SAM 3's text encoder: a CLIP-style causal transformer plus a resizer (sam3/model/text_encoder_ve.py).
+
+Attribute names mirror `backbone.language_backbone.` of the PyTorch model (VETextEncoder):
+`encoder` (TextTransformer: token_embedding, positional_embedding, transformer.resblocks, ln_final)
+and `resizer`. The unused `text_projection` of the checkpoint is deliberately absent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sam3i_jax.models.config import Sam3Config
+from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm
+
+
+def causal_bias(length: int) -> np.ndarray:
+  """(1, 1, L, L) additive mask: a token attends to itself and earlier tokens only."""
+  mask = np.triu(np.ones((length, length), bool), k=1)
+  return np.where(mask, np.finfo(np.float32).min, 0.0).astype(np.float32)[None, None]
+
+
+class TextMLP(nnx.Module):
+  """`mlp` of a ResidualAttentionBlock: c_fc, exact GELU, c_proj."""
+
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.c_fc = dense(width, hidden, rngs=rngs, dtype=dtype)
+    self.c_proj = dense(hidden, width, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.c_proj(gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nnx.Module):
+  """Pre-LN block: `x += attn(ln_1(x), causal); x += mlp(ln_2(x))` (no layer scale)."""
+
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    width, dtype = config.text_width, config.compute_dtype
+    self.attn = MultiHeadAttention(width, config.text_heads, rngs=rngs, dtype=dtype)
+    self.ln_1 = layer_norm(width, rngs=rngs, dtype=dtype)
+    self.ln_2 = layer_norm(width, rngs=rngs, dtype=dtype)
+    self.mlp = TextMLP(width, width * config.text_mlp_ratio, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    t = self.ln_1(x)
+    x = x + self.attn(t, t, t, bias=bias)
+    return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nnx.Module):
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    self.resblocks = nnx.List([ResidualAttentionBlock(config, rngs=rngs)
+                               for _ in range(config.text_layers)])
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    for block in self.resblocks:
+      x = block(x, bias)
+    return x
+
+
+class TextTransformer(nnx.Module):
+  """Token + positional embedding, causal blocks, ln_final; returns all token states (no pooling)."""
+
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    width, dtype = config.text_width, config.compute_dtype
+    self.dtype = dtype
+    self.token_embedding = nnx.Embed(config.vocab_size, width, dtype=dtype,
+                                     param_dtype=jnp.float32, rngs=rngs)
+    # CLIP's init, N(0, 0.01^2) (the reference leaves it uninitialised).
+    self.positional_embedding = nnx.Param(
+        0.01 * jax.random.normal(rngs.params(), (config.context_length, width), jnp.float32))
+    self.transformer = Transformer(config, rngs=rngs)
+    self.ln_final = layer_norm(width, rngs=rngs, dtype=dtype)
+
+  def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """token_ids (B, L) -> (token states (B, L, width), token embeddings (B, L, width))."""
+    length = token_ids.shape[1]
+    embeds = self.token_embedding(token_ids)
+    x = embeds + self.positional_embedding[...][:length].astype(self.dtype)
+    x = self.transformer(x, jnp.asarray(causal_bias(length)))
+    return self.ln_final(x), embeds
+
+
+class TextEncoder(nnx.Module):
+  """VETextEncoder: text tokens -> prompt tokens of width d_model.
+
+  Padding is not masked inside the encoder (the causal mask alone keeps real tokens from seeing
+  the padding after them); the padding mask is returned for the layers downstream.
+  """
+
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
+    self.encoder = TextTransformer(config, rngs=rngs)
+    self.resizer = dense(config.text_width, config.d_model, rngs=rngs, dtype=config.compute_dtype)
+
+  def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """token_ids (B, L) int, L <= context_length, 0 = padding.
+
+    Returns features (B, L, d_model) (`language_features`), pad_mask (B, L) bool True where the
+    id is 0 (`language_mask`), and the raw token embeddings (B, L, text_width), without the
+    positional term (`language_embeds`, the reference's `inputs_embeds`).
+    """
+    states, embeds = self.encoder(token_ids)
+    return self.resizer(states), token_ids == 0, embeds

@@ -1,0 +1,92 @@
+"""A converted model directory: orbax parameters + config JSON + tokenizer vocab.
+
+  DIR/config.json              Sam3Config fields (and `model`: "sam3")
+  DIR/params/                  orbax checkpoint of the nnx.Param state (float32)
+  DIR/bpe_simple_vocab_16e6.txt.gz   the CLIP BPE vocabulary (tokenizer)
+  DIR/conversion.json          what the converter read, used and ignored
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sam3i_jax.models.config import Sam3Config
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+REPORT_FILE = "conversion.json"
+
+
+def save_pretrained(model: nnx.Module, config: Sam3Config, directory: str, *, vocab_path: str | None,
+                    report: dict | None = None) -> None:
+  """Writes `model`'s parameters and config to `directory` (created; must not hold a checkpoint)."""
+  import orbax.checkpoint as ocp  # heavy; only needed here
+
+  directory = os.path.abspath(directory)
+  if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+    raise FileExistsError(f"{directory} already holds a converted checkpoint; choose a new directory")
+  os.makedirs(directory, exist_ok=True)
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), state)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump({"model": "sam3", **config.to_dict()}, f, indent=2)
+  if vocab_path is not None:
+    shutil.copyfile(vocab_path, os.path.join(directory, VOCAB_FILE))
+  if report is not None:
+    with open(os.path.join(directory, REPORT_FILE), "w") as f:
+      json.dump(report, f, indent=2)
+
+
+def read_config(directory: str, **overrides) -> Sam3Config:
+  path = os.path.join(directory, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {directory} a directory written by `python -m convert`?")
+  with open(path) as f:
+    fields = json.load(f)
+  kind = fields.pop("model", "sam3")
+  if kind != "sam3":
+    raise ValueError(f"{path} describes a {kind!r} model, not sam3")
+  return Sam3Config.from_dict({**fields, **overrides})
+
+
+def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None):
+  """Loads a converted SAM 3 directory into a ready `Sam3Image` (eval mode).
+
+  dtype: compute dtype override ("float32"/"bfloat16"); parameters stay float32.
+  sharding: optional pytree-prefix sharding for the restored parameters (default: device 0).
+  """
+  import orbax.checkpoint as ocp
+
+  from sam3i_jax.models.sam3 import Sam3Image
+
+  config = read_config(directory, **({"dtype": dtype} if dtype else {}))
+  abstract = nnx.eval_shape(lambda: Sam3Image(config, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  target = nnx.to_pure_dict(params)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
+  nnx.replace_by_pure_dict(params, restored)
+  rest = jax.tree.map(_materialise, rest)
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  return model
+
+
+def _materialise(leaf):
+  """Non-parameter state of a fresh model (dropout RNG streams, counters) from its abstract shape."""
+  if not isinstance(leaf, jax.ShapeDtypeStruct):
+    return leaf
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return jax.random.key(0)
+  return jnp.zeros(leaf.shape, leaf.dtype)

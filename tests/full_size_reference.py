@@ -1,0 +1,68 @@
+"""Writes a full-size random-weight `sam3.pt` (released key layout) and Meta's outputs on it.
+
+Run in a subprocess so the PyTorch model's ~10 GB are freed before the Flax side is built:
+  python tests/full_size_reference.py OUTDIR
+OUTDIR/sam3.pt: `detector.*` image-model tensors (+ `sam2_convs` copy) and random `tracker.*` tensors
+with the shapes of ../shared/reference/sam3_pt_keys.tsv. OUTDIR/reference.npz: the outputs of
+`forward_grounding` for a text prompt and for text + 2 boxes on an image no other test uses.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import sam3_cpu  # noqa: E402  (before torch users)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+KEYS_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "sam3_pt_keys.tsv")
+IMAGE_SEED = 20261124
+TEXT = "the helmet of the rider on the black horse"
+BOXES = [[0.45, 0.55, 0.3, 0.4], [0.8, 0.2, 0.5, 0.3]]  # the second crosses the image border
+BOX_LABELS = [True, False]
+OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_boxes_xyxy", "pred_masks", "semantic_seg",
+               "presence_logit_dec", "queries", "input.text_tokens")
+
+
+def released_layout(model) -> dict:
+  """The image model's state dict under `detector.`, plus the tensors sam3.pt adds (the tracker's
+  at their released shapes, whatever the image model's size)."""
+  sd = {f"detector.{k}": v for k, v in model.state_dict().items()}
+  gen = torch.Generator().manual_seed(1)
+  for line in open(KEYS_TSV):
+    key, shape, dtype = line.rstrip("\n").split("\t")
+    if key in sd:
+      continue
+    shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    if ".sam2_convs." in key:
+      sd[key] = sd[key.replace(".sam2_convs.", ".convs.")].clone()
+    elif key.startswith("tracker."):
+      sd[key] = torch.randn(shape, generator=gen) * 0.02
+  return sd
+
+
+def main(outdir: str) -> None:
+  torch.set_num_threads(os.cpu_count() or 1)
+  t = time.time()
+  model = sam3_cpu.build_full(seed=0, perturb=0.02)
+  print(f"built full model in {time.time() - t:.1f}s", flush=True)
+  sd = released_layout(model)
+  torch.save(sd, os.path.join(outdir, "sam3.pt"))
+  del sd
+  image = np.random.default_rng(IMAGE_SEED).uniform(-1, 1, (1, 3, 1008, 1008)).astype(np.float32)
+  results = {"image": image}
+  t = time.time()
+  text = sam3_cpu.run_text(model, image, TEXT)
+  results.update({f"text/{k}": text[k] for k in OUTPUT_KEYS})
+  del text
+  print(f"text forward {time.time() - t:.1f}s", flush=True)
+  t = time.time()
+  box = sam3_cpu.run_text_box(model, image, TEXT, BOXES, labels=BOX_LABELS)
+  results.update({f"box/{k}": box[k] for k in OUTPUT_KEYS})
+  print(f"text+box forward {time.time() - t:.1f}s", flush=True)
+  np.savez(os.path.join(outdir, "reference.npz"), **results)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
