@@ -13,7 +13,7 @@ class TensorStore(MutableMapping):
   """{key: numpy array} over a checkpoint, converting each tensor only when it is read.
 
   Deleting a key drops the tensor, so a converter that consumes keys never holds the whole
-  checkpoint twice (torch.load uses mmap, so unread tensors stay on disk).
+  checkpoint twice.
   """
 
   def __init__(self, tensors: dict, source: str):
@@ -65,10 +65,9 @@ def read_checkpoint(path: str) -> TensorStore:
     import torch
   except ImportError as e:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'sam3i-jax[convert]'") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except RuntimeError:  # not a zip-format checkpoint: mmap is unsupported for legacy files
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+  # Not mmap: pages of a mapped file stay resident once read, whereas separately loaded tensors are
+  # freed one by one as the converter consumes them.
+  obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
     obj = obj["model"]
   if not isinstance(obj, dict) or not obj:

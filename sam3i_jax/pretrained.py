@@ -34,8 +34,10 @@ def save_pretrained(model: nnx.Module, config: Sam3Config, directory: str, *, vo
     raise FileExistsError(f"{directory} already holds a converted checkpoint; choose a new directory")
   os.makedirs(directory, exist_ok=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), state)
+  # Bounded staging memory: a full-size model (3.4 GB) is written without a second copy in RAM.
+  handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), args=ocp.args.StandardSave(state))
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump({"model": "sam3", **config.to_dict()}, f, indent=2)
   if vocab_path is not None:
@@ -77,7 +79,9 @@ def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None):
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
   nnx.replace_by_pure_dict(params, restored)
-  rest = jax.tree.map(_materialise, rest)
+  # Committed to the same device as the parameters, so the first jit call and later ones (whose
+  # outputs are committed) see the same argument shardings and compile once.
+  rest = jax.device_put(jax.tree.map(_materialise, rest), jax.devices()[0])
   model = nnx.merge(graphdef, params, rest)
   model.eval()
   return model

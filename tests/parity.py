@@ -7,6 +7,7 @@ workarounds described in ../shared/reference/sam3_cpu/README.md.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
@@ -38,6 +39,20 @@ def reference_model(preset: str, seed: int = 0, perturb: float = 0.02):
   config = get_preset(preset)
   model = sam3_cpu.build_tiny(seed=seed, perturb=perturb, **reference_sizes(config))
   return config, model, sam3_cpu.state_dict_numpy(model)
+
+
+def converted_checkpoint(preset: str, directory: str) -> str:
+  """Writes the reference model of `preset` as a released-layout sam3.pt into `directory`, converts
+  it with the real converter and returns the converted directory."""
+  from convert.sam3 import convert_sam3
+  from full_size_reference import released_layout
+
+  config, model, _ = reference_model(preset)
+  path = os.path.join(directory, "sam3.pt")
+  torch.save(released_layout(model), path)
+  out = os.path.join(directory, "converted")
+  convert_sam3(path, out, base=config, log=lambda *_: None)
+  return out
 
 
 def load_into(module, state_dict: dict, prefix: str) -> None:

@@ -82,8 +82,14 @@ def test_window_and_global_block(setup):
     assert neck.trunk.blocks[i].window_size == torch_blocks[i].window_size
     with torch.no_grad():
       ref = to_numpy(torch_blocks[i](torch.from_numpy(x)))
-    ours = _run(neck.trunk.blocks[i], jnp.asarray(x))
-    assert_close(ours, ref, TOL_SMALL, f"{kind} block {i}")
+    block = neck.trunk.blocks[i]
+    for impl in ("auto", "xla") if kind == "global" else ("auto",):  # auto is per_head on CPU
+      block.set_attributes(attention_impl=impl)
+      try:
+        ours = _run(block, jnp.asarray(x))
+      finally:
+        block.set_attributes(attention_impl="auto")
+      assert_close(ours, ref, TOL_SMALL, f"{kind} block {i} ({impl} attention)")
 
 
 def test_rope_tables_match_freqs_cis(setup):
@@ -125,7 +131,7 @@ def test_neck_levels_and_positions(setup, forward):
 
 
 def test_half_scale_branch_exists_but_is_not_used(setup, forward):
-  config, _, sd, neck = setup
+  config, model, sd, neck = setup
   table = param_table(neck)
   for name in ("conv_1x1.weight", "conv_1x1.bias", "conv_3x3.weight", "conv_3x3.bias"):
     key = f"convs.3.{name}"
@@ -133,6 +139,13 @@ def test_half_scale_branch_exists_but_is_not_used(setup, forward):
     assert tuple(table[key][1].shape) == tuple(
         np.transpose(sd[PREFIX + key], (2, 3, 1, 0)).shape if key.endswith("weight") else sd[PREFIX + key].shape)
   assert not hasattr(neck.convs[3], "dconv_2x2")
+  # It still computes the reference's 0.5x level when called on its own.
+  g = config.grid_size
+  x = np.random.default_rng(5).normal(size=(2, g, g, config.vit_dim)).astype(np.float32)
+  with torch.no_grad():
+    ref = to_numpy(model.backbone.vision_backbone.convs[3](torch.from_numpy(x.transpose(0, 3, 1, 2))))
+  assert_close(np.asarray(_run(neck.convs[3], jnp.asarray(x))).transpose(0, 3, 1, 2), ref, TOL_SMALL,
+               "0.5x branch")
   # Changing convs.3 leaves every output as it was (scalp = 1 drops the 0.5x level).
   images, _, ours = forward
   branch = neck.convs[3]
@@ -147,8 +160,8 @@ def test_half_scale_branch_exists_but_is_not_used(setup, forward):
     np.testing.assert_array_equal(np.asarray(fpn[i]), ours["fpn"][i])
 
 
-def test_drop_path_only_in_training(setup):
-  config, _, sd, _ = setup
+def test_drop_path_only_in_training():
+  config, _, sd = parity.reference_model("tiny")
   config = config.replace(vit_drop_path_rate=0.5)
   vit = _build(ViT, config)
   parity.load_into(vit, sd, PREFIX + "trunk.")

@@ -81,32 +81,41 @@ def tiled_abs_pos(pos_embed: jax.Array, height: int, width: int) -> jax.Array:
 
 # --- attention --------------------------------------------------------------------------------
 ATTENTION_IMPLS = ("auto", "xla", "per_head", "cudnn")
-_PER_HEAD_MIN_LOGITS = 1 << 24  # (N*L*L) above which CPU attention loops over heads
+
+
+def _one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """(N, L, Dh) each -> (N, L, Dh); the arithmetic of layers.dot_product_attention for one head."""
+  logits = jnp.einsum("nqd,nkd->nqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.einsum("nqk,nkd->nqd", weights.astype(v.dtype), v)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
   """Softmax attention over (N, L, H, Dh) without masks; all variants compute the same function.
 
   xla: one batched einsum/softmax (layers.dot_product_attention), logits (N, H, L, L) in float32.
-  per_head: the same, one head at a time (lax.map): the global blocks' logits are 1.7 GB per image
-    at 72x72 tokens, and on CPU walking them per head is several times faster.
-  cudnn: jax.nn.dot_product_attention's fused flash kernel (GPU, bf16/fp16 only), no L x L buffer.
-  auto: cudnn on GPU for 16-bit inputs, per_head on CPU for large L, else xla.
+  per_head: the same arithmetic, one head at a time (lax.map) on contiguous (N, L, Dh) slices. On
+    CPU the attention of a global block (1.7 GB of logits per 72x72 image) ran 5x faster this
+    way and that of a window block 2x; on GPU it is slower than xla.
+  cudnn: jax.nn.dot_product_attention's fused flash kernel (GPU, bf16/fp16, head_dim % 8 == 0 and
+    <= 128), no L x L buffer: the full bf16 ViT forward ran 1.5x faster with it than xla on an H100.
+  auto: per_head on CPU, cudnn on GPU where it applies, else xla.
   """
   if impl == "auto":
     backend = jax.default_backend()
-    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-      impl = "cudnn"
-    elif backend == "cpu" and q.shape[0] * q.shape[1] * k.shape[1] >= _PER_HEAD_MIN_LOGITS:
+    head_dim = q.shape[-1]
+    if backend == "cpu":
       impl = "per_head"
+    elif (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+          and head_dim <= 128):
+      impl = "cudnn"
     else:
       impl = "xla"
   if impl == "xla":
     return dot_product_attention(q, k, v)
   if impl == "per_head":
-    heads_first = lambda a: a.transpose(2, 0, 1, 3)[:, :, :, None, :]  # (H, N, L, 1, Dh)
-    out = jax.lax.map(lambda qkv: dot_product_attention(*qkv)[:, :, 0],
-                      (heads_first(q), heads_first(k), heads_first(v)))
+    heads_first = lambda a: a.transpose(2, 0, 1, 3)  # (H, N, L, Dh)
+    out = jax.lax.map(lambda qkv: _one_head(*qkv), (heads_first(q), heads_first(k), heads_first(v)))
     return out.transpose(1, 2, 0, 3)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
@@ -119,17 +128,11 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     p = config.patch_size
-    self.patch_size = p
     self.proj = conv(3, config.vit_dim, p, stride=p, use_bias=False, rngs=rngs,
                      dtype=config.compute_dtype)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    # k == s: a reshape + one matmul is the same conv and much faster than a strided conv on CPU.
-    b, h, w, c = images.shape
-    p = self.patch_size
-    patches = images.reshape(b, h // p, p, w // p, p, c)
-    kernel = self.proj.kernel[...].astype(self.proj.dtype)  # (p, p, 3, C) HWIO
-    return jnp.einsum("bhpwqc,pqcd->bhwd", patches.astype(self.proj.dtype), kernel)
+    return self.proj(images)
 
 
 class Attention(nnx.Module):
