@@ -7,18 +7,20 @@ import math
 import re
 import time
 
+import numpy as np
 from flax import nnx
 
 from convert.checkpoint_io import TensorStore, read_checkpoint
 from convert.torch_layout import ConversionError, LoadReport, load_state_dict
 from sam3i_jax.models.config import Sam3Config, get_preset
+from sam3i_jax.models.vit import rope_tables
 
 # Tensors of sam3.pt that the image model knowingly does not use (reported, never silent).
 IGNORED_GROUPS = {
     "video tracker (tracker.*)": lambda k: k.startswith("tracker."),
     "SAM 2 neck copy for the interactive tracker (sam2_convs)":
         lambda k: k.startswith("backbone.vision_backbone.sam2_convs."),
-    "RoPE tables (freqs_cis; recomputed)": lambda k: k.endswith(".attn.freqs_cis"),
+    "RoPE tables (freqs_cis; verified, then recomputed)": lambda k: k.endswith(".attn.freqs_cis"),
     "unused text projection (text_projection)":
         lambda k: k == "backbone.language_backbone.encoder.text_projection",
 }
@@ -88,6 +90,28 @@ def resolve_config(store: TensorStore, base: Sam3Config) -> Sam3Config:
   return base
 
 
+def verify_rope_tables(store: TensorStore, config: Sam3Config) -> int:
+  """Checks the checkpoint's `freqs_cis` buffers against the RoPE tables the model recomputes (they
+  fix head size, window size, global blocks and position scale); returns how many were checked."""
+  head_dim = config.vit_dim // config.vit_heads
+  checked = 0
+  for block in range(config.vit_depth):
+    key = f"{_TRUNK}blocks.{block}.attn.freqs_cis"
+    if key not in store:
+      continue
+    is_global = block in config.global_att_blocks
+    side = config.grid_size if is_global else config.window_size
+    cos, sin = rope_tables(head_dim, side, side, config.window_size / config.grid_size if is_global else 1.0)
+    table = store[key]
+    if table.shape != cos.shape or not (np.allclose(table.real, cos, atol=1e-5)
+                                        and np.allclose(table.imag, sin, atol=1e-5)):
+      raise ConversionError(
+          f"{key} {table.shape} differs from the RoPE table of a {'global' if is_global else 'window'} "
+          f"block with head size {head_dim} {cos.shape}: check vit_heads / window_size of the config")
+    checked += 1
+  return checked
+
+
 def convert_sam3(checkpoint: str, output: str, *, base: Sam3Config | None = None,
                  vocab_path: str | None = None, log=print) -> LoadReport:
   """Converts `checkpoint` into `output` (see sam3i_jax.pretrained). Raises ConversionError listing
@@ -101,6 +125,7 @@ def convert_sam3(checkpoint: str, output: str, *, base: Sam3Config | None = None
   total = len(store)
   config = resolve_config(store, base or get_preset("full"))
   log(f"read {total} tensors from {checkpoint}; model config checked against their shapes")
+  log(f"verified {verify_rope_tables(store, config)} RoPE tables against the recomputed ones")
   model = nnx.eval_shape(lambda: Sam3Image(config, rngs=nnx.Rngs(0)))
   report = load_state_dict(model, store, ignore=IGNORED_GROUPS)
   for reason, keys in report.ignored.items():

@@ -98,6 +98,11 @@ def assert_close(ours, ref, tol: float = TOL_SMALL, name: str = "output") -> Non
   assert err <= tol, f"{name}: relative L2 error {err:.3g} > {tol:g}"
 
 
+def seq_first(x: np.ndarray) -> torch.Tensor:
+  """A batch-first array as the sequence-first tensor Meta's modules take."""
+  return torch.from_numpy(np.ascontiguousarray(x)).transpose(0, 1)
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
   return t.detach().cpu().numpy()
 

@@ -43,7 +43,7 @@ def test_released_layout_converts_and_matches_reference(tmp_path, tiny):
   assert report["ignored"] == {
       "video tracker (tracker.*)": 309,
       "SAM 2 neck copy for the interactive tracker (sam2_convs)": 22,
-      "RoPE tables (freqs_cis; recomputed)": config.vit_depth,
+      "RoPE tables (freqs_cis; verified, then recomputed)": config.vit_depth,
       "unused text projection (text_projection)": 1}
   model = load_pretrained(out)
   assert model.config == config
@@ -119,3 +119,13 @@ def test_model_config_json_overrides_the_preset(tmp_path, tiny):
                      "--model-config", str(override)])
   assert rc == 0
   assert load_pretrained(str(tmp_path / "o")).config.dtype == "bfloat16"
+
+
+def test_rope_tables_that_disagree_are_rejected(tmp_path, tiny, capsys):
+  _, _, checkpoint = tiny
+  broken = dict(checkpoint)
+  key = "detector.backbone.vision_backbone.trunk.blocks.1.attn.freqs_cis"
+  broken[key] = broken[key] * torch.exp(1j * torch.tensor(0.01))
+  rc, _ = convert(tmp_path, broken)
+  err = capsys.readouterr().err
+  assert rc == 1 and "blocks.1.attn.freqs_cis" in err and "global block" in err

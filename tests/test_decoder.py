@@ -33,10 +33,6 @@ def _inputs(config, seed: int = 0, grid=None):
   return memory, pos, prompt, mask, (h, w)
 
 
-def _seq_first(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x)).transpose(0, 1)
-
-
 @functools.lru_cache(maxsize=None)
 def _ours(preset: str, dtype: str = "float32") -> TransformerDecoder:
   """Our decoder with the reference weights, in eval mode; dropout rate 0 for the DAC test (in eval
@@ -55,10 +51,10 @@ def _torch_decoder(tdec, memory, pos, prompt, mask, grid, apply_dac=False):
   b = memory.shape[0]
   tgt = tdec.query_embed.weight.unsqueeze(1).repeat(1, b, 1)
   hs, refs, presence, feats = tdec(
-      tgt=tgt, memory=_seq_first(memory), memory_key_padding_mask=None,
-      pos=_seq_first(np.broadcast_to(pos, memory.shape)), reference_boxes=None,
+      tgt=tgt, memory=parity.seq_first(memory), memory_key_padding_mask=None,
+      pos=parity.seq_first(np.broadcast_to(pos, memory.shape)), reference_boxes=None,
       level_start_index=torch.zeros(1, dtype=torch.long), spatial_shapes=torch.tensor([list(grid)]),
-      valid_ratios=torch.ones(b, 1, 2), tgt_mask=None, memory_text=_seq_first(prompt),
+      valid_ratios=torch.ones(b, 1, 2), tgt_mask=None, memory_text=parity.seq_first(prompt),
       text_attention_mask=torch.from_numpy(mask), apply_dac=apply_dac)
   return hs.transpose(1, 2), refs.transpose(1, 2), presence.transpose(1, 2), feats.transpose(0, 1)
 
@@ -120,10 +116,10 @@ def test_decoder_layer_matches_reference(preset, dac):
   tlayer = model.transformer.decoder.layers[-1]
   with torch.no_grad():
     out_ref, pres_ref = tlayer(
-        tgt=_seq_first(tgt), tgt_query_pos=_seq_first(qpos), memory_text=_seq_first(prompt),
-        text_attention_mask=torch.from_numpy(mask), memory=_seq_first(memory),
-        memory_pos=_seq_first(pos_b), cross_attn_mask=torch.from_numpy(bias).flatten(0, 1),
-        dac=dac, dac_use_selfatt_ln=True, presence_token=_seq_first(presence))
+        tgt=parity.seq_first(tgt), tgt_query_pos=parity.seq_first(qpos), memory_text=parity.seq_first(prompt),
+        text_attention_mask=torch.from_numpy(mask), memory=parity.seq_first(memory),
+        memory_pos=parity.seq_first(pos_b), cross_attn_mask=torch.from_numpy(bias).flatten(0, 1),
+        dac=dac, dac_use_selfatt_ln=True, presence_token=parity.seq_first(presence))
   layer = _ours(preset).layers[-1]
   assert isinstance(layer, TransformerDecoderLayer)
   out, pres = parity.fast_jit(lambda m, *a: m(*a, dac=dac), layer)(
@@ -142,7 +138,7 @@ def test_rpb_matrix_matches_reference(preset, grid):
   boxes = np.concatenate([rng.uniform(0, 1, (BATCH, config.num_queries, 2)),
                           rng.uniform(0.01, 1.2, (BATCH, config.num_queries, 2))], -1).astype(np.float32)
   with torch.no_grad():
-    ref = model.transformer.decoder._get_rpb_matrix(_seq_first(boxes), grid)
+    ref = model.transformer.decoder._get_rpb_matrix(parity.seq_first(boxes), grid)
   ours = parity.fast_jit(lambda m, b: m.rpb_matrix(b, grid), _ours(preset))(jnp.asarray(boxes))
   assert ours.shape == (BATCH, config.num_heads, config.num_queries, grid[0] * grid[1])
   parity.assert_close(ours, parity.to_numpy(ref), parity.TOL_SMALL, "rpb")

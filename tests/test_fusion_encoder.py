@@ -16,10 +16,6 @@ PREFIX = "transformer.encoder."
 BATCH, PROMPT_LEN = 2, 9
 
 
-def _seq_first(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x)).transpose(0, 1)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_fusion_encoder_matches_reference(preset):
   config, model, sd = parity.reference_model(preset)
@@ -34,8 +30,8 @@ def test_fusion_encoder_matches_reference(preset):
   # Called as Sam3Image._run_encoder does: sequence-first lists of one level, with feat_sizes.
   with torch.no_grad():
     ref = model.transformer.encoder(
-        src=[_seq_first(image)], src_key_padding_mask=None,
-        src_pos=[_seq_first(np.broadcast_to(pos, image.shape))], prompt=_seq_first(prompt),
+        src=[parity.seq_first(image)], src_key_padding_mask=None,
+        src_pos=[parity.seq_first(np.broadcast_to(pos, image.shape))], prompt=parity.seq_first(prompt),
         prompt_pos=torch.zeros(PROMPT_LEN, BATCH, d), prompt_key_padding_mask=torch.from_numpy(mask),
         feat_sizes=[(g, g)])
   ref = parity.to_numpy(ref["memory"].transpose(0, 1))

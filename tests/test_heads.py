@@ -34,10 +34,6 @@ def _prompt(config, rng):
   return prompt, mask
 
 
-def _seq_first(x: np.ndarray) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(x)).transpose(0, 1)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dot_product_scoring_matches_reference(preset):
   config, model, _ = parity.reference_model(preset)
@@ -47,7 +43,7 @@ def test_dot_product_scoring_matches_reference(preset):
   # Large enough that part of the logits hit the clamp.
   hs = (rng.standard_normal((nl, BATCH, q, d)) * 40).astype(np.float32)
   with torch.no_grad():
-    ref = parity.to_numpy(model.dot_prod_scoring(torch.from_numpy(hs), _seq_first(prompt),
+    ref = parity.to_numpy(model.dot_prod_scoring(torch.from_numpy(hs), parity.seq_first(prompt),
                                                  torch.from_numpy(mask)))
   clamp = config.logit_clamp
   assert (np.abs(ref) == clamp).any() and (np.abs(ref) < clamp).any()
@@ -81,7 +77,7 @@ def test_segmentation_head_matches_reference(preset):
     ref = model.segmentation_head(
         backbone_feats=[torch.from_numpy(f).permute(0, 3, 1, 2) for f in fpn],
         obj_queries=torch.from_numpy(hs), image_ids=torch.arange(BATCH),
-        encoder_hidden_states=_seq_first(memory), prompt=_seq_first(prompt),
+        encoder_hidden_states=parity.seq_first(memory), prompt=parity.seq_first(prompt),
         prompt_mask=torch.from_numpy(mask))
   head = _ours(SegmentationHead, preset, "segmentation_head.")
   masks, semantic = parity.fast_jit(lambda m, *a: m(*a), head)(

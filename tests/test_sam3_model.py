@@ -4,6 +4,8 @@ Small presets here; the full-size run is in test_full_size.py. Tolerance: relati
 with highest matmul precision, and identical kept-mask sets after post-processing.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,7 @@ def flax_model(preset: str):
   return config, torch_model, model
 
 
-@nnx.jit
+@functools.partial(jax.jit, compiler_options=parity.FAST_COMPILE)
 def forward(model, images, token_ids, boxes=None, labels=None, mask=None):
   return model(images, token_ids, boxes, labels, mask)
 
@@ -86,3 +88,18 @@ def test_training_mode_outputs():
   assert set(out["aux_outputs"][0]) == {"pred_logits", "pred_boxes", "pred_boxes_xyxy", "presence_logit"}
   model.eval()
   assert "aux_outputs" not in forward(model, images, tokens)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
+  config, torch_model, model = flax_model("tiny")
+  _, _, state_dict = parity.reference_model("tiny")
+  bf16 = parity.build(lambda: Sam3Image(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)), state_dict, "")
+  bf16.eval()
+  assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(bf16, nnx.Param))} == {jnp.float32}
+  images = nhwc(sam3_cpu.random_image(torch_model, seed=8))
+  tokens = jnp.asarray(sam3_cpu.run_text(torch_model, sam3_cpu.random_image(torch_model), "a dog")["input.text_tokens"])
+  full, half = forward(model, images, tokens), forward(bf16, images, tokens)
+  assert half["pred_masks"].dtype == jnp.bfloat16
+  for name in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit"):
+    err = parity.rel_l2(np.asarray(half[name], np.float32), full[name])
+    assert err < 5e-2, f"{name}: bf16 vs fp32 relative error {err:.3g}"

@@ -57,9 +57,11 @@ def test_embedding_weight():
   np.testing.assert_array_equal(ours.embedding[...], ref.weight.detach().numpy())
 
 
-def test_fused_in_proj_multihead_attention():
+@pytest.mark.parametrize("impl", ["xla", "per_head"])
+def test_fused_in_proj_multihead_attention(impl):
   ref = perturbed(torch.nn.MultiheadAttention(8, 2, batch_first=True))
   ours = layers.MultiHeadAttention(8, 2, rngs=nnx.Rngs(0))
+  ours.attention_impl = impl
   assert {"in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"} == set(param_table(ours))
   load_state_dict(ours, torch_state(ref))
   q = RNG.standard_normal((2, 3, 8)).astype(np.float32)
@@ -67,8 +69,15 @@ def test_fused_in_proj_multihead_attention():
   pad = np.array([[False] * 5, [False, False, False, True, True]])
   want = ref(torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(kv),
              key_padding_mask=torch.from_numpy(pad), need_weights=False)[0].detach().numpy()
+  bias = RNG.standard_normal((2, 2, 3, 5)).astype(np.float32)
+  want_biased = ref(torch.from_numpy(q), torch.from_numpy(kv), torch.from_numpy(kv),
+                    key_padding_mask=torch.from_numpy(pad), attn_mask=torch.from_numpy(bias).flatten(0, 1),
+                    need_weights=False)[0].detach().numpy()
   got = ours(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(kv), key_padding_mask=jnp.asarray(pad))
   parity.assert_close(got, want, 1e-6)
+  got = ours(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(kv), key_padding_mask=jnp.asarray(pad),
+             bias=jnp.asarray(bias))
+  parity.assert_close(got, want_biased, 1e-6, "per-head bias")
 
 
 def test_strict_load_lists_every_problem():

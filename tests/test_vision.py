@@ -83,7 +83,7 @@ def test_window_and_global_block(setup):
     with torch.no_grad():
       ref = to_numpy(torch_blocks[i](torch.from_numpy(x)))
     block = neck.trunk.blocks[i]
-    for impl in ("auto", "xla") if kind == "global" else ("auto",):  # auto is per_head on CPU
+    for impl in ("per_head", "xla"):
       block.set_attributes(attention_impl=impl)
       try:
         ours = _run(block, jnp.asarray(x))

@@ -79,49 +79,6 @@ def tiled_abs_pos(pos_embed: jax.Array, height: int, width: int) -> jax.Array:
   return jnp.tile(grid, reps)[:height, :width]
 
 
-# --- attention --------------------------------------------------------------------------------
-ATTENTION_IMPLS = ("auto", "xla", "per_head", "cudnn")
-
-
-def _one_head(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """(N, L, Dh) each -> (N, L, Dh); the arithmetic of layers.dot_product_attention for one head."""
-  logits = jnp.einsum("nqd,nkd->nqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
-  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.einsum("nqk,nkd->nqd", weights.astype(v.dtype), v)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
-  """Softmax attention over (N, L, H, Dh) without masks; all variants compute the same function.
-
-  xla: one batched einsum/softmax (layers.dot_product_attention), logits (N, H, L, L) in float32.
-  per_head: the same arithmetic, one head at a time (lax.map) on contiguous (N, L, Dh) slices. On
-    CPU the attention of a global block (1.7 GB of logits per 72x72 image) ran 5x faster this
-    way and that of a window block 2x; on GPU it is slower than xla.
-  cudnn: jax.nn.dot_product_attention's fused flash kernel (GPU, bf16/fp16, head_dim % 8 == 0 and
-    <= 128), no L x L buffer: the full bf16 ViT forward ran 1.5x faster with it than xla on an H100.
-  auto: per_head on CPU, cudnn on GPU where it applies, else xla.
-  """
-  if impl == "auto":
-    backend = jax.default_backend()
-    head_dim = q.shape[-1]
-    if backend == "cpu":
-      impl = "per_head"
-    elif (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-          and head_dim <= 128):
-      impl = "cudnn"
-    else:
-      impl = "xla"
-  if impl == "xla":
-    return dot_product_attention(q, k, v)
-  if impl == "per_head":
-    heads_first = lambda a: a.transpose(2, 0, 1, 3)  # (H, N, L, Dh)
-    out = jax.lax.map(lambda qkv: _one_head(*qkv), (heads_first(q), heads_first(k), heads_first(v)))
-    return out.transpose(1, 2, 0, 3)
-  if impl == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-  raise ValueError(f"unknown attention impl {impl!r}; choose from {ATTENTION_IMPLS}")
-
-
 # --- modules ----------------------------------------------------------------------------------
 class PatchEmbed(nnx.Module):
   """Non-overlapping patch projection (conv k = s = patch, no bias) -> (B, g, g, C)."""
@@ -142,7 +99,7 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.rope_scale = float(rope_scale)
-    self.attention_impl = "auto"  # see `attention`; nnx set_attributes(attention_impl=...) changes it
+    self.attention_impl = "auto"  # see layers.dot_product_attention; set_attributes(attention_impl=...)
     self.qkv = dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, rngs=rngs, dtype=dtype)
 
@@ -152,7 +109,7 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     cos, sin = rope_tables(self.head_dim, h, w, self.rope_scale)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q, k, v, self.attention_impl)  # (N, L, H, Dh)
+    out = dot_product_attention(q, k, v, impl=self.attention_impl)  # (N, L, H, Dh)
     return self.proj(out.reshape(n, h, w, c))
 
 
