@@ -23,6 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "a red car"
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def _peak_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -108,7 +116,7 @@ def main() -> None:
   best_flax, best_torch = min(flax_result["forward_s"]), min(torch_result["forward_s"])
   result = {
       "preset": args.preset, "batch": 1, "prompt": "text", "dtype": args.dtype,
-      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+      "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
                   "python": platform.python_version()},
       "flax": flax_result, "pytorch": torch_result,
       "flax_over_pytorch": best_flax / best_torch,

@@ -95,7 +95,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
   _, _, state_dict = parity.reference_model("tiny")
   bf16 = parity.build(lambda: Sam3Image(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)), state_dict, "")
   bf16.eval()
-  assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(bf16, nnx.Param))} == {jnp.float32}
+  assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
   images = nhwc(sam3_cpu.random_image(torch_model, seed=8))
   tokens = jnp.asarray(sam3_cpu.run_text(torch_model, sam3_cpu.random_image(torch_model), "a dog")["input.text_tokens"])
   full, half = forward(model, images, tokens), forward(bf16, images, tokens)
