@@ -91,7 +91,8 @@ def _run_worker(kind: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--preset", args.preset,
          "--repeats", str(args.repeats), "--dtype", args.dtype]
   print(f"running the {kind} side ...", flush=True)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
   if proc.returncode:
     raise RuntimeError(f"{kind} worker failed:\n{proc.stdout}\n{proc.stderr}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
