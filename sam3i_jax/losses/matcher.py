@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam3i_jax.losses.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from sam3i_jax.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 
 
 _BIG_COST = 1e6

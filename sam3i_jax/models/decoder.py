@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import MLP, MultiHeadAttention, dense, layer_norm
 from sam3i_jax.models.position_encoding import query_sine_embed
@@ -29,11 +30,6 @@ def inverse_sigmoid(x: jax.Array, eps: float = INVERSE_SIGMOID_EPS) -> jax.Array
   """log(x / (1 - x)) with x clamped to [0, 1] and both terms floored at eps (model_misc)."""
   x = jnp.clip(x, 0.0, 1.0)
   return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
-
-
-def box_cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-  cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-  return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 def rpb_log_deltas(coords: np.ndarray, edges: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sam3i_jax.models import position_encoding
+from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.encoder import TransformerEncoderLayer
 from sam3i_jax.models.layers import conv, dense, layer_norm
@@ -39,11 +40,6 @@ def concat_padded(seq1: jax.Array, mask1: jax.Array, seq2: jax.Array,
   out = out.at[jnp.arange(batch)[:, None], index].set(seq2.astype(out.dtype))
   mask = jnp.arange(len1 + len2)[None, :] >= (n1 + n2)[:, None]
   return out, mask
-
-
-def box_cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-  cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-  return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 def grid_sample_points(features: jax.Array, points_xy: jax.Array) -> jax.Array:

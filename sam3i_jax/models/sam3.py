@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.decoder import TransformerDecoder
 from sam3i_jax.models.encoder import TransformerEncoderFusion
@@ -48,11 +49,6 @@ class TransformerWrapper(nnx.Module):
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     self.encoder = TransformerEncoderFusion(config, rngs=rngs)
     self.decoder = TransformerDecoder(config, rngs=rngs)
-
-
-def box_cxcywh_to_xyxy(boxes: jax.Array) -> jax.Array:
-  cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)
-  return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
 class Sam3Image(nnx.Module):
