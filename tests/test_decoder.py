@@ -86,7 +86,7 @@ def test_decoder_matches_reference(preset):
   tdec = model.transformer.decoder
   with torch.no_grad():
     boxes_ref = torch.sigmoid(tdec.bbox_embed(ref[0]) + _torch_inverse_sigmoid(ref[1]))
-  boxes = parity.fast_jit(lambda m, hs, r: m.boxes(hs, r), dec)(out["hs"], out["ref_boxes"])
+  boxes = parity.fast_jit(lambda m, hs, r: m.refine(r, hs), dec)(out["hs"], out["ref_boxes"])
   parity.assert_close(boxes, parity.to_numpy(boxes_ref), parity.TOL_SMALL, "boxes")
 
 
@@ -205,7 +205,7 @@ def test_decoder_gradients_match_reference():
   def loss_fn(params, *args):
     m = nnx.merge(graphdef, params, rest)
     out = m(*args, grid)
-    boxes = m.boxes(out["hs"], out["ref_boxes"])
+    boxes = m.refine(out["ref_boxes"], out["hs"])
     return (boxes * w_box).sum() + (out["presence_logits"] * w_pres).sum()
 
   grads = jax.jit(jax.grad(loss_fn), compiler_options=parity.FAST_COMPILE)(

@@ -19,7 +19,7 @@ from flax import nnx
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import MLP, MultiHeadAttention, dense, layer_norm
+from sam3i_jax.models.layers import MLP, MultiHeadAttention, dense, dropout_layer, layer_norm
 from sam3i_jax.models.position_encoding import query_sine_embed
 
 INVERSE_SIGMOID_EPS = 1e-3
@@ -59,19 +59,19 @@ class TransformerDecoderLayer(nnx.Module):
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     d, heads, rate, dtype = config.d_model, config.num_heads, config.dropout, config.compute_dtype
     self.cross_attn = MultiHeadAttention(d, heads, rngs=rngs, dtype=dtype, dropout=rate)
-    self.dropout1 = nnx.Dropout(rate, rngs=rngs)
+    self.dropout1 = dropout_layer(rate, rngs=rngs)
     self.norm1 = layer_norm(d, rngs=rngs, dtype=dtype)
     self.ca_text = MultiHeadAttention(d, heads, rngs=rngs, dtype=dtype, dropout=rate)
-    self.catext_dropout = nnx.Dropout(rate, rngs=rngs)
+    self.catext_dropout = dropout_layer(rate, rngs=rngs)
     self.catext_norm = layer_norm(d, rngs=rngs, dtype=dtype)
     self.self_attn = MultiHeadAttention(d, heads, rngs=rngs, dtype=dtype, dropout=rate)
-    self.dropout2 = nnx.Dropout(rate, rngs=rngs)
+    self.dropout2 = dropout_layer(rate, rngs=rngs)
     self.norm2 = layer_norm(d, rngs=rngs, dtype=dtype)
     # The FFN always computes in float32.
     self.linear1 = dense(d, config.dim_feedforward, rngs=rngs, dtype=jnp.float32)
-    self.dropout3 = nnx.Dropout(rate, rngs=rngs)
+    self.dropout3 = dropout_layer(rate, rngs=rngs)
     self.linear2 = dense(config.dim_feedforward, d, rngs=rngs, dtype=jnp.float32)
-    self.dropout4 = nnx.Dropout(rate, rngs=rngs)
+    self.dropout4 = dropout_layer(rate, rngs=rngs)
     self.norm3 = layer_norm(d, rngs=rngs, dtype=dtype)
 
   def ffn(self, x: jax.Array) -> jax.Array:
@@ -130,7 +130,6 @@ class TransformerDecoder(nnx.Module):
     self.presence_token_out_norm = layer_norm(d, rngs=rngs, dtype=dtype)
     self.ref_point_head = MLP(2 * d, d, d, 2, rngs=rngs, dtype=dtype)
     self.deterministic = True  # nnx's train()/eval()/view() flip it; False = training = DAC on
-    self.eval()  # eval mode by default (nnx.Dropout defaults to active)
 
   def set_view(self, deterministic: bool | None = None):
     """Lets `nnx.view(model, deterministic=...)` switch DAC along with dropout."""
@@ -152,13 +151,10 @@ class TransformerDecoder(nnx.Module):
     return bias.reshape(b, q, h * w, -1).transpose(0, 3, 1, 2)
 
   def refine(self, ref_boxes: jax.Array, hs: jax.Array) -> jax.Array:
-    """sigmoid(inverse_sigmoid(ref) + bbox_embed(hs)): the boxes predicted from normed outputs hs."""
+    """sigmoid(inverse_sigmoid(ref) + bbox_embed(hs)): the boxes predicted from normed outputs hs
+    (..., Q, D) and the matching input refs (..., Q, 4) -> (..., Q, 4)."""
     delta = self.bbox_embed(hs).astype(jnp.float32)
     return jax.nn.sigmoid(inverse_sigmoid(ref_boxes.astype(jnp.float32)) + delta)
-
-  def boxes(self, hs: jax.Array, ref_boxes: jax.Array) -> jax.Array:
-    """Final boxes: hs (..., Q, D) with the matching input refs (..., Q, 4) -> (..., Q, 4)."""
-    return self.refine(ref_boxes, hs)
 
   def __call__(self, memory: jax.Array, memory_pos: jax.Array, prompt: jax.Array,
                prompt_mask: jax.Array, grid: tuple[int, int]) -> dict[str, jax.Array]:

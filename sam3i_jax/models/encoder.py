@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import MultiHeadAttention, dense, layer_norm
+from sam3i_jax.models.layers import MultiHeadAttention, dense, dropout_layer, layer_norm
 
 
 class TransformerEncoderLayer(nnx.Module):
@@ -29,10 +29,10 @@ class TransformerEncoderLayer(nnx.Module):
     self.norm1 = layer_norm(d, rngs=rngs, dtype=dtype)
     self.norm2 = layer_norm(d, rngs=rngs, dtype=dtype)
     self.norm3 = layer_norm(d, rngs=rngs, dtype=dtype)
-    self.dropout = nnx.Dropout(rate, rngs=rngs)  # inside the FFN
-    self.dropout1 = nnx.Dropout(rate, rngs=rngs)
-    self.dropout2 = nnx.Dropout(rate, rngs=rngs)
-    self.dropout3 = nnx.Dropout(rate, rngs=rngs)
+    self.dropout = dropout_layer(rate, rngs=rngs)  # inside the FFN
+    self.dropout1 = dropout_layer(rate, rngs=rngs)
+    self.dropout2 = dropout_layer(rate, rngs=rngs)
+    self.dropout3 = dropout_layer(rate, rngs=rngs)
     self.pos_enc_at_attn = pos_enc_at_attn
     self.pos_enc_at_cross_attn_keys = pos_enc_at_cross_attn_keys
 
@@ -63,7 +63,6 @@ class TransformerEncoderFusion(nnx.Module):
     self.layers = nnx.List([
         TransformerEncoderLayer(config, rngs=rngs, pos_enc_at_attn=True, pos_enc_at_cross_attn_keys=False)
         for _ in range(config.num_enc_layers)])
-    self.eval()  # eval mode by default (nnx.Dropout defaults to active)
 
   def __call__(self, image_tokens: jax.Array, image_pos: jax.Array, prompt: jax.Array,
                prompt_mask: jax.Array) -> jax.Array:

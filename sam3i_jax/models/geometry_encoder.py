@@ -90,9 +90,6 @@ class GeometryEncoder(nnx.Module):
                                 pos_enc_at_cross_attn_keys=True)
         for _ in range(config.num_geo_layers)])
     self.encode_norm = layer_norm(d, rngs=rngs, dtype=dtype)
-    # nnx.Dropout starts active (deterministic=False); the project's convention is eval mode
-    # until `.train()`.
-    self.eval()
 
   def _labels(self, labels: jax.Array) -> jax.Array:
     return self.label_embed(labels.astype(jnp.int32))

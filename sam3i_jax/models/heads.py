@@ -35,7 +35,6 @@ class DotProductScoring(nnx.Module):
     self.hs_proj = dense(d, d, rngs=rngs, dtype=dtype)
     self.scale = float(1.0 / np.sqrt(d))
     self.clamp = float(config.logit_clamp)
-    self.eval()  # eval mode by default (nnx.Dropout defaults to active)
 
   def pooled_prompt(self, prompt: jax.Array, prompt_mask: jax.Array) -> jax.Array:
     """prompt (B, P, D), prompt_mask (B, P) True = pad -> (B, D) projected pooled prompt."""

@@ -21,6 +21,12 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+def dropout_layer(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()) -> nnx.Dropout:
+  """An nnx.Dropout that starts inactive: models are in eval mode until `.train()` (nnx's own
+  default is active), so a freshly built or converted model runs deterministically."""
+  return nnx.Dropout(rate, broadcast_dims=broadcast_dims, deterministic=True, rngs=rngs)
+
+
 def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
           use_bias: bool = True) -> nnx.Linear:
   """A Linear with float32 parameters computing in `dtype`."""
@@ -48,7 +54,7 @@ class MLP(nnx.Module):
                out_norm: bool = False):
     dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
     self.layers = nnx.List([dense(a, b, rngs=rngs, dtype=dtype) for a, b in zip(dims[:-1], dims[1:])])
-    self.drop = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.drop = dropout_layer(dropout, rngs=rngs) if dropout > 0 else None
     if residual and input_dim != output_dim:
       raise ValueError("residual MLP needs input_dim == output_dim")
     self.residual = residual
@@ -176,7 +182,7 @@ class MultiHeadAttention(nnx.Module):
     self.embed_dim, self.num_heads = embed_dim, num_heads
     self.in_proj = dense(embed_dim, 3 * embed_dim, rngs=rngs, dtype=dtype)
     self.out_proj = dense(embed_dim, embed_dim, rngs=rngs, dtype=dtype)
-    self.attn_drop = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.attn_drop = dropout_layer(dropout, rngs=rngs) if dropout > 0 else None
     self.dtype = dtype
     self.attention_impl = "auto"  # see dot_product_attention; set_attributes(attention_impl=...) changes it
 

@@ -61,7 +61,6 @@ class Sam3Image(nnx.Module):
     self.transformer = TransformerWrapper(config, rngs=rngs)
     self.dot_prod_scoring = DotProductScoring(config, rngs=rngs)
     self.segmentation_head = SegmentationHead(config, rngs=rngs)
-    self.eval()  # eval mode by default (nnx.Dropout and drop path default to active)
 
   # --- the two encoders --------------------------------------------------------------------
   def encode_image(self, images: jax.Array) -> ImageFeatures:
@@ -110,7 +109,7 @@ class Sam3Image(nnx.Module):
     dec = decoder(memory, pos, prompt, prompt_mask, grid)
     hs, refs, presence = dec["hs"], dec["ref_boxes"], dec["presence_logits"]
     logits = self.dot_prod_scoring(hs, prompt, prompt_mask)
-    boxes = decoder.boxes(hs, refs)
+    boxes = decoder.refine(refs, hs)
     pred_masks, semantic_seg = self.segmentation_head(image.fpn, hs[-1], memory, prompt, prompt_mask)
     return self._collect(logits, boxes, presence, hs[-1], pred_masks, semantic_seg)
 

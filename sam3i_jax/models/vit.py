@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import conv, dense, dot_product_attention, gelu, layer_norm
+from sam3i_jax.models.layers import conv, dense, dot_product_attention, dropout_layer, gelu, layer_norm
 
 ROPE_THETA = 10000.0
 
@@ -127,7 +127,7 @@ class Mlp(nnx.Module):
 def drop_path(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
   """Stochastic depth on (B, H, W, C): one keep/drop draw per sample, kept samples scaled by
   1 / (1 - rate) (timm's DropPath). An nnx.Dropout, so model.train()/eval()/nnx.view toggle it."""
-  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+  return dropout_layer(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
 
 
 class Block(nnx.Module):
