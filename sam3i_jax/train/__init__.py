@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, sharding, checkpoints and the step/loop used by main.py."""
