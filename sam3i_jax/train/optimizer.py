@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sam3i_jax.tree_paths import dotted
+
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
@@ -49,17 +51,6 @@ def inverse_sqrt_schedule(base_lr: float, config: ScheduleConfig) -> optax.Sched
   return schedule
 
 
-def dotted_path(path) -> str:
-  """A jax key path of an nnx State leaf -> 'a.b.0.kernel' (the trailing `.value` dropped)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-  return ".".join(parts)
-
-
 def layer_norm_paths(model: nnx.Module) -> tuple[str, ...]:
   """Dotted paths of every nnx.LayerNorm in `model` (their parameters take no weight decay)."""
   return tuple(".".join(map(str, path)) for path, node in nnx.iter_graph(model)
@@ -80,10 +71,10 @@ def make_optimizer(group_lrs: Mapping[str, float], group_of: Callable[[str], str
   """AdamW per LR group over trainable params whose dotted paths map to groups by `group_of`."""
 
   def labels(params):
-    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(dotted_path(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: group_of(dotted(p)), params)
 
   def decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda p, _: decays(dotted_path(p), norm_paths),
+    return jax.tree_util.tree_map_with_path(lambda p, _: decays(dotted(p), norm_paths),
                                             params)
 
   groups = {
