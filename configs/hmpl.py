@@ -1,20 +1,48 @@
-"""The main training config: `python main.py --config=configs/hmpl.py[:arg]`.
+"""The main config: `python main.py --config=configs/hmpl.py[:arg]`, every field overridable with
+`--config.<field>=<value>` (unknown fields are rejected).
 
-`arg` is a comma-separated list: a variant (`demo`, `smoke`) and/or key=value settings
-(e.g. `stage=2`). The training fields land with the training issue; the model part is final.
+`arg` is a comma-separated list of a variant and key=value settings:
+  (none)   the released SAM3-I recipe: full-size model, bf16 compute, global batch 32, stage 1
+           (`stage=2`, `stage=3` for the next stages), the released ten-set mixture;
+  demo     the tiny model trained from scratch on the generated demo set on CPU, stages 0-3 in
+           one run (stage 0 pre-trains SAM 3 on concept prompts; see DESIGN.md 6);
+  smoke    the demo, a few steps per stage (tests and quick checks);
+  eval     evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
+e.g. `configs/hmpl.py:stage=2`, `configs/hmpl.py:demo`, `configs/hmpl.py:eval,stage=3`.
 """
 
-import ml_collections
+from __future__ import annotations
 
-VARIANTS = {
-    "": dict(model="full"),
-    "demo": dict(model="tiny"),
-    "smoke": dict(model="tiny"),
+import ml_collections
+from ml_collections import config_dict
+
+import input_pipeline
+from sam3i_jax.train import sharding
+
+VARIANTS = ("default", "demo", "smoke", "eval")
+
+# Per-stage optimisation of the released recipe (base.yaml, sam3i_3_all.yaml): LR of the default
+# group (encoder/decoder adapters, mask predictors, projection head) and of the text-encoder
+# group, the inverse-sqrt scheduler's warmup/cooldown (steps), and epochs over the mixture.
+RELEASED_STAGES = {
+    1: dict(lr=1.024e-2, text_lr=6.4e-4, warmup_steps=3, cooldown_steps=3, epochs=8),
+    2: dict(lr=1.024e-2, text_lr=6.4e-4, warmup_steps=3, cooldown_steps=3, epochs=8),
+    3: dict(lr=2.56e-3, text_lr=1.6e-4, warmup_steps=1, cooldown_steps=1, epochs=4),
 }
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, settings = "", {}
+def _stage(lr, text_lr, warmup_steps, cooldown_steps, epochs=None, steps=None, **datasets):
+  return ml_collections.ConfigDict({
+      "lr": lr, "text_lr": text_lr, "warmup_steps": warmup_steps,
+      "cooldown_steps": cooldown_steps,
+      "epochs": config_dict.placeholder(int) if epochs is None else epochs,
+      "steps": config_dict.placeholder(int) if steps is None else steps,
+      # Restrict this stage's training data to some of the mixture's datasets (by name).
+      "datasets": config_dict.placeholder(tuple) if not datasets else datasets["datasets"]})
+
+
+def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
+  variant, settings = "default", {}
   for part in filter(None, (arg or "").split(",")):
     key, eq, value = part.partition("=")
     if eq:
@@ -22,12 +50,86 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     elif part in VARIANTS:
       variant = part
     else:
-      raise ValueError(f"unknown config argument {part!r}; variants: {sorted(v for v in VARIANTS if v)}")
+      raise ValueError(f"unknown config argument {part!r}; variants: {VARIANTS}, or key=value")
+  unknown = sorted(set(settings) - {"stage"})
+  if unknown:
+    raise ValueError(f"unknown config settings {unknown}; only stage=N is read from the arg")
+  return variant, settings
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, settings = _parse(arg)
+  demo = variant in ("demo", "smoke")
   config = ml_collections.ConfigDict()
-  config.variant = variant or "default"
-  config.model = ml_collections.ConfigDict({"preset": VARIANTS[variant]["model"], "dtype": "float32"})
-  config.stage = int(settings.pop("stage", 1))
-  if settings:
-    raise ValueError(f"unknown config settings: {sorted(settings)}")
+  config.variant = variant
+  config.mode = "eval" if variant == "eval" else "train"
+  config.workdir = "runs/demo" if demo else "runs/hmpl"
+  config.seed = 123
+  # A persistent XLA compilation cache (empty: off): reruns and resumed jobs skip compiling.
+  config.compilation_cache_dir = "runs/demo/jax_cache" if demo else ""
+
+  config.model = ml_collections.ConfigDict({
+      "preset": "tiny" if demo else "full",
+      "dtype": "float32" if demo else "bfloat16",
+      # Rematerialise ViT / text-encoder blocks in the backward pass: "none", "blocks".
+      "remat": "none",
+  })
+  # A converted SAM 3 or SAM3-I directory (`python -m convert ...`) to start from; empty: random
+  # init (only sensible for the demo's stage 0).
+  config.init = ml_collections.ConfigDict({"checkpoint": ""})
+
+  # The stages run in order, each starting from the previous one's final state (stage 2 applies
+  # the adapter migration first).
+  config.stages = (0, 1, 2, 3) if demo else (int(settings.get("stage", 1)),)
+  config.stage_settings = ml_collections.ConfigDict(
+      {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
+  if demo:
+    steps = {0: 600, 1: 250, 2: 250, 3: 150} if variant == "demo" else {0: 4, 1: 3, 2: 3, 3: 3}
+    config.stage_settings.stage0 = _stage(2e-3, 2e-3, 20, 50, steps=steps[0],
+                                          datasets=("HMPL-Instruct_1toAll",))
+    for stage in (1, 2, 3):
+      config.stage_settings[f"stage{stage}"] = _stage(3e-3, 1e-3, 10, 30, steps=steps[stage])
+
+  config.optim = ml_collections.ConfigDict({
+      "weight_decay": 0.1, "clip_norm": 0.1, "timescale": 3, "b1": 0.9, "b2": 0.999,
+      "eps": 1e-8})
+
+  config.train = ml_collections.ConfigDict({
+      "global_batch": 8 if demo else 32,
+      "accum_steps": 1,
+      # The reference normalises each GPU's loss by its own batch (2 prompts on each of 16 GPUs
+      # in the paper's setting); the loss reproduces that for this many replicas, independent
+      # of the mesh.
+      "loss_replicas": 1 if demo else 16,
+      "log_every": 25 if demo else 50,
+      "checkpoint_every": 200 if demo else 2000,
+      "keep_checkpoints": 2 if demo else 3,
+      "eval_every": 0,  # steps; 0 = at the end of each stage
+      # Stop this run after this many steps (a checkpoint is saved; running again resumes),
+      # e.g. to fit a job's time limit; 0 = run the stages to the end.
+      "stop_after_steps": 0,
+  })
+
+  config.mesh = ml_collections.ConfigDict({
+      "shape": (-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+      "param_axes": sharding.PARAM_AXES,
+      "logical_rules": sharding.LOGICAL_RULES,
+  })
+
+  config.eval = ml_collections.ConfigDict({
+      "levels": ("concept", "simple", "complex"),
+      "combine": "union",  # "top1" for RefCOCO-style single-target sets
+      "threshold": 0.5,
+      "max_batches": config_dict.placeholder(int),
+      "num_images": 8,  # prediction PNGs written per level
+  })
+
+  config.data = input_pipeline.default_config("demo" if demo else "released")
+  config.data.batch_size = config.train.global_batch  # per host; main.py divides by hosts
+  if demo:
+    config.data.max_targets = 8
+    config.data.eval_batch_size = 8
+  if variant == "smoke":
+    config.eval.max_batches = 2
   config.lock()
   return config

@@ -1,4 +1,7 @@
-"""Command line: `python -m convert sam3 --checkpoint PATH/sam3.pt --output DIR`."""
+"""Command line:
+  python -m convert sam3 --checkpoint PATH/sam3.pt --output DIR [--adapters]
+  python -m convert sam3i --checkpoint PATH/checkpoint.pt --output DIR
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,29 @@ from convert.torch_layout import ConversionError
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+  parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="kind", required=True)
   sam3 = sub.add_parser("sam3", help="Meta's SAM 3 checkpoint (sam3.pt, {'model': ...} dict or safetensors)")
-  sam3.add_argument("--checkpoint", required=True, help="path to sam3.pt or a .safetensors file")
-  sam3.add_argument("--output", required=True, help="new directory for the converted model")
-  sam3.add_argument("--preset", default="full", help="Sam3Config preset for sizes shapes do not fix")
-  sam3.add_argument("--model-config", help="JSON file of Sam3Config fields overriding the preset")
-  sam3.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
+  sam3.add_argument("--adapters", action="store_true",
+                    help="build the SAM3-I model: adapters added at their identity init")
+  sam3i = sub.add_parser("sam3i", help="a SAM3-I checkpoint (torch.save dict with 'model')")
+  for command in (sam3, sam3i):
+    command.add_argument("--checkpoint", required=True, help="path to the .pt (or .safetensors) file")
+    command.add_argument("--output", required=True, help="new directory for the converted model")
+    command.add_argument("--preset", default="full", help="Sam3Config preset for sizes shapes do not fix")
+    command.add_argument("--model-config", help="JSON file of Sam3Config fields overriding the preset")
+    command.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
   args = parser.parse_args(argv)
 
   from convert.sam3 import convert_sam3, load_model_config
+  from convert.sam3i import convert_sam3i
   try:
-    convert_sam3(args.checkpoint, args.output, base=load_model_config(args.preset, args.model_config),
-                 vocab_path=args.vocab)
+    base = load_model_config(args.preset, args.model_config)
+    if args.kind == "sam3":
+      convert_sam3(args.checkpoint, args.output, base=base, vocab_path=args.vocab, adapters=args.adapters)
+    else:
+      convert_sam3i(args.checkpoint, args.output, base=base, vocab_path=args.vocab)
   except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

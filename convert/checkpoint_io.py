@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import MutableMapping
 from typing import Iterator
 
@@ -67,7 +68,13 @@ def read_checkpoint(path: str) -> TensorStore:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'sam3i-jax[convert]'") from e
   # Not mmap: pages of a mapped file stay resident once read, whereas separately loaded tensors are
   # freed one by one as the converter consumes them.
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(
+        f"{path} holds Python objects other than tensors and plain containers, which are not loaded "
+        "(a pickle can run code). If you trust the file, save its weights alone first: "
+        "torch.save(torch.load(PATH, weights_only=False)['model'], 'weights.pt')") from e
   if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
     obj = obj["model"]
   if not isinstance(obj, dict) or not obj:

@@ -7,13 +7,17 @@ import math
 import re
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 
 from convert.checkpoint_io import TensorStore, read_checkpoint
-from convert.torch_layout import ConversionError, LoadReport, load_state_dict
+from convert.torch_layout import ConversionError, LoadReport, load_state_dict, param_table
+from sam3i_jax.models.adapters import copy_mask_predictor
 from sam3i_jax.models.config import Sam3Config, get_preset
+from sam3i_jax.models.sam3 import Sam3Image, abstract_model, host_counted_rngs
 from sam3i_jax.models.vit import rope_tables
+from sam3i_jax.partition import ADDITIONS, addition_of
 
 # Tensors of sam3.pt that the image model knowingly does not use (reported, never silent).
 IGNORED_GROUPS = {
@@ -65,6 +69,12 @@ def infer_sizes(store: TensorStore) -> dict:
       num_geo_layers=_count(store, r"geometry_encoder\.encode\.(\d+)\."),
       roi_size=shape("geometry_encoder.boxes_pool_project.weight")[-1],
   )
+  adapter = _TEXT + "encoder.transformer.resblocks.0.adapter1."
+  if adapter + "down_proj.weight" in store:
+    sizes.update(
+        adapters=True,
+        text_adapter_bottleneck=shape(adapter + "down_proj.weight")[0],
+        adapter_bottleneck=shape("transformer.encoder.layers.0.adapter1.down_proj.weight")[0])
   # The RoPE tables, when present, tell the window size, the global blocks and the image size.
   rope = {int(m.group(1)): store.shape(k) for k in store
           for m in [re.match(re.escape(_TRUNK) + r"blocks\.(\d+)\.attn\.freqs_cis$", k)] if m}
@@ -112,31 +122,92 @@ def verify_rope_tables(store: TensorStore, config: Sam3Config) -> int:
   return checked
 
 
+# SAM3-I's additions to SAM 3 as convert_store treats them when a checkpoint lacks them: name ->
+# (pattern, how they are initialised), as SAM3-I adds them to a SAM 3 model (with the init fix of
+# sam3i_jax/models/adapters.py).
+SAM3I_GROUPS = {
+    "adapters": (r"(^|\.)adapter(1|12|2)\.", "identity: zero output projections"),
+    "mask predictor copies": (r"^segmentation_head\.mask_predictor_adapter[12]\.",
+                              "copies of mask_predictor"),
+    "projection head": (ADDITIONS["projection head"], "random"),
+}
+
+
+def sam3i_fresh(names=tuple(SAM3I_GROUPS)) -> dict:
+  """convert_store's `fresh` for the named SAM3I_GROUPS: {reason: predicate}."""
+  return {f"{name} ({SAM3I_GROUPS[name][1]})": re.compile(SAM3I_GROUPS[name][0]).search
+          for name in names}
+
+
 def convert_sam3(checkpoint: str, output: str, *, base: Sam3Config | None = None,
-                 vocab_path: str | None = None, log=print) -> LoadReport:
+                 vocab_path: str | None = None, adapters: bool = False, log=print) -> LoadReport:
   """Converts `checkpoint` into `output` (see sam3i_jax.pretrained). Raises ConversionError listing
-  missing, unexpected and mis-shaped tensors; ignored groups are logged and recorded."""
-  from sam3i_jax.models.sam3 import Sam3Image
+  missing, unexpected and mis-shaped tensors; ignored groups are logged and recorded.
+
+  adapters: build the SAM3-I model instead; its additions start as SAM3-I's stage 1 does (identity
+  adapters, so every level computes SAM 3's output until trained).
+  """
+  start = time.time()
+  store = strip_detector_prefix(read_checkpoint(checkpoint))
+  if any(addition_of(k) for k in store):
+    raise ConversionError(f"{checkpoint} holds SAM3-I parameters: convert it with "
+                          "`python -m convert sam3i`")
+  config = (base or get_preset("full")).replace(**({"adapters": True} if adapters else {}))
+  return convert_store(store, checkpoint, output, config, ignore=IGNORED_GROUPS,
+                       fresh=sam3i_fresh() if adapters else {}, vocab_path=vocab_path, log=log,
+                       start=start)
+
+
+def convert_store(store: TensorStore, source: str, output: str, base: Sam3Config, *,
+                  ignore: dict, fresh: dict, vocab_path: str | None, log, start: float) -> LoadReport:
+  """The conversion shared by SAM 3 and SAM3-I checkpoints: sizes checked against the shapes, a
+  strict load in which only whole `fresh` groups may be absent (then initialised), save."""
   from sam3i_jax.pretrained import save_pretrained
   from sam3i_jax.tokenizer import find_vocab
 
-  start = time.time()
-  store = strip_detector_prefix(read_checkpoint(checkpoint))
   total = len(store)
-  config = resolve_config(store, base or get_preset("full"))
-  log(f"read {total} tensors from {checkpoint}; model config checked against their shapes")
+  config = resolve_config(store, base)
+  log(f"read {total} tensors from {source}; model config checked against their shapes")
   log(f"verified {verify_rope_tables(store, config)} RoPE tables against the recomputed ones")
-  model = nnx.eval_shape(lambda: Sam3Image(config, rngs=nnx.Rngs(0)))
-  report = load_state_dict(model, store, ignore=IGNORED_GROUPS)
+  model = abstract_model(config)
+  report = load_state_dict(model, store, ignore=ignore, fresh=fresh, strict=False)
+  partial = [reason for reason in report.fresh if any(fresh[reason](k) for k in report.loaded)]
+  if partial or not report.ok:
+    raise ConversionError("checkpoint does not fit the model:\n" + report.summary() +
+                          "".join(f"\ngroup only partly in the checkpoint: {r}" for r in partial))
   for reason, keys in report.ignored.items():
     log(f"ignored {len(keys)} tensors: {reason}")
   log(f"loaded {len(report.loaded)} tensors into the Flax model")
+  for reason, keys in report.fresh.items():
+    log(f"not in the checkpoint, initialised {len(keys)} parameters: {reason}")
+  initialise(model, config, [k for keys in report.fresh.values() for k in keys])
   vocab = vocab_path or find_vocab()
-  summary = {"source": checkpoint, "tensors_in_checkpoint": total, "loaded": len(report.loaded),
-             "ignored": {r: len(k) for r, k in report.ignored.items()}, "config": config.to_dict()}
+  summary = {"source": source, "tensors_in_checkpoint": total, "loaded": len(report.loaded),
+             "ignored": {r: len(k) for r, k in report.ignored.items()},
+             "initialised": {r: len(k) for r, k in report.fresh.items()}, "config": config.to_dict()}
   save_pretrained(model, config, output, vocab_path=vocab, report=summary)
   log(f"wrote {output} in {time.time() - start:.1f}s")
   return report
+
+
+def initialise(model: nnx.Module, config: Sam3Config, keys: list[str], seed: int = 0) -> None:
+  """Fills the parameters `keys` (PyTorch-style keys) of the partly loaded `model` with the values a
+  new model built from `seed` has (only their initialisers run: the rest of the new model is traced,
+  then dropped by XLA); mask-predictor copies then take the loaded mask_predictor's values."""
+  wanted = set(keys)
+  if not wanted:
+    return
+
+  @jax.jit
+  def initial_values():
+    new = Sam3Image(config, rngs=host_counted_rngs(seed))
+    return {k: param[...] for k, (_, param, _) in param_table(new).items() if k in wanted}
+
+  table = param_table(model)
+  for key, value in initial_values().items():
+    table[key][1].set_value(value)
+  if any(re.match(SAM3I_GROUPS["mask predictor copies"][0], k) for k in wanted):
+    nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
 
 
 def load_model_config(preset: str, model_config_json: str | None) -> Sam3Config:

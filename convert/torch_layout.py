@@ -82,6 +82,7 @@ class LoadReport:
   unexpected: list[str] = dataclasses.field(default_factory=list)  # tensors with no Flax param
   mismatched: list[str] = dataclasses.field(default_factory=list)  # "key: torch shape -> flax shape"
   ignored: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # reason -> keys
+  fresh: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # reason -> params left to the caller
 
   @property
   def ok(self) -> bool:
@@ -91,6 +92,8 @@ class LoadReport:
     lines = [f"loaded {len(self.loaded)} tensors"]
     for reason, keys in self.ignored.items():
       lines.append(f"ignored {len(keys)} tensors ({reason})")
+    for reason, keys in self.fresh.items():
+      lines.append(f"not in the checkpoint, initialised fresh: {len(keys)} parameters ({reason})")
     for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
                         ("shape mismatch", self.mismatched)):
       if keys:
@@ -106,13 +109,17 @@ class ConversionError(ValueError):
 
 def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, prefix: str = "",
                     ignore: dict[str, Callable[[str], bool]] | None = None,
+                    fresh: dict[str, Callable[[str], bool]] | None = None,
                     strict: bool = True) -> LoadReport:
   """Fills `model`'s parameters in place from `state_dict` (keys under `prefix`).
 
   ignore: {reason: predicate(full key)} for tensors knowingly left out (reported, not silent).
+  fresh: {reason: predicate(full key)} for parameters the checkpoint may lack; those it lacks are
+    listed in `report.fresh` instead of `missing`, for the caller to initialise.
   strict: raise ConversionError listing missing, unexpected and mis-shaped tensors.
-  Tensors are consumed from `state_dict` as they are copied, so the caller's dict shrinks and a
-  full-size conversion never holds two copies of the weights.
+  Tensors are consumed from `state_dict` as they are copied or ignored, so the caller's dict
+  shrinks and a full-size conversion never holds two copies of the weights (nor, for a SAM3-I
+  checkpoint, its dead duplicate text encoder longer than needed).
   """
   ignore = ignore or {}
   report = LoadReport()
@@ -122,6 +129,7 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
     reason = next((r for r, pred in ignore.items() if pred(key)), None)
     if reason is not None:
       report.ignored.setdefault(reason, []).append(key)
+      del state_dict[key]
       continue
     if local not in table:
       report.unexpected.append(key)
@@ -135,7 +143,12 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
     param.set_value(jnp.asarray(array, dtype=param.dtype))
     del state_dict[key]
     report.loaded.append(key)
-  report.missing = sorted(prefix + k for k in table)
+  for key in sorted(prefix + k for k in table):
+    reason = next((r for r, pred in (fresh or {}).items() if pred(key)), None)
+    if reason is None:
+      report.missing.append(key)
+    else:
+      report.fresh.setdefault(reason, []).append(key)
   if strict and not report.ok:
     raise ConversionError("checkpoint does not fit the model:\n" + report.summary())
   return report

@@ -2,18 +2,21 @@
 
   predictor = Predictor.from_pretrained("converted/sam3")
   result = predictor.predict("photo.jpg", "a helmet")          # result.boxes_xyxy, .scores, .masks
+  result = predictor.predict("photo.jpg", "what keeps the rider's head safe", level="complex")
 
 Command line (writes the masks drawn over the image):
   python -m sam3i_jax.predict --model DIR --image photo.jpg --text "a helmet" --output out.png
+  ... --level simple|complex   (a SAM3-I model: the instruction level of the text)
 
-The image encoder is compiled once; the prompt side once per original image size (the masks are
-resized to it) and box-count bucket. A new text or new boxes of the same bucket never recompile.
+The image encoder is compiled once; the prompt side once per instruction level and box-count bucket.
+A new text or new boxes of the same bucket never recompile.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from typing import Sequence
 
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.evaluation.postprocess import postprocess
+from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.sam3 import ImageFeatures
 from sam3i_jax.preprocess import load_image, preprocess
 from sam3i_jax.tokenizer import ClipTokenizer
@@ -49,9 +53,10 @@ def _encode_image(model, images):
   return model.encode_image(images)
 
 
-@nnx.jit
-def _ground(model, features, token_ids, boxes, box_labels, box_mask):
-  out = model.ground(features, model.encode_text(token_ids), boxes, box_labels, box_mask)
+@functools.partial(nnx.jit, static_argnames="level")
+def _ground(model, features, token_ids, boxes, box_labels, box_mask, level):
+  out = model.ground(features, model.encode_text(token_ids, level), boxes, box_labels, box_mask,
+                     level=level)
   return {k: out[k][0] for k in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit")}
 
 
@@ -71,7 +76,7 @@ def _pad_boxes(boxes, labels):
 
 
 class Predictor:
-  """A SAM 3 model with its tokenizer, ready for single-image inference."""
+  """A SAM 3 / SAM3-I model with its tokenizer, ready for single-image inference."""
 
   def __init__(self, model, tokenizer: ClipTokenizer):
     self.model = model
@@ -93,14 +98,16 @@ class Predictor:
     return EncodedImage(_encode_image(self.model, jnp.asarray(pixels)), array)
 
   def predict(self, image, text: str, boxes: Sequence | None = None, box_labels: Sequence | None = None,
-              threshold: float = 0.5) -> Prediction:
+              threshold: float = 0.5, level: Level | str = Level.CONCEPT) -> Prediction:
     """image: path, uint8 array or an EncodedImage (to reuse the image side across prompts).
-    boxes: (N, 4) normalised cx, cy, w, h; box_labels: (N,) True = positive exemplar."""
+    boxes: (N, 4) normalised cx, cy, w, h; box_labels: (N,) True = positive exemplar.
+    level: the text's instruction level (simple / complex need a SAM3-I model)."""
+    level = parse_level(level, self.config.adapters)
     encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
     token_ids = self.tokenizer([text], context_length=self.config.context_length)
     b, l, m = _pad_boxes(boxes, box_labels)
     out = _ground(self.model, encoded.features, jnp.asarray(token_ids), jnp.asarray(b), jnp.asarray(l),
-                  jnp.asarray(m))
+                  jnp.asarray(m), level=level)
     out = jax.device_get(out)
     h, w = encoded.image.shape[:2]
     kept = postprocess(out["pred_logits"], out["pred_boxes"], out["pred_masks"], out["presence_logit"],
@@ -143,6 +150,8 @@ def main(argv=None) -> int:
   parser.add_argument("--text", required=True, help="the prompt, e.g. 'a helmet'")
   parser.add_argument("--box", action="append", type=_parse_box, default=[],
                       help="exemplar box cx,cy,w,h (normalised), ':neg' for a negative one; repeatable")
+  parser.add_argument("--level", choices=[level.value for level in Level], default=Level.CONCEPT.value,
+                      help="instruction level of --text (simple / complex: a SAM3-I model)")
   parser.add_argument("--threshold", type=float, default=0.5)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"))
   parser.add_argument("--output", required=True, help="PNG to write")
@@ -151,7 +160,8 @@ def main(argv=None) -> int:
   predictor = Predictor.from_pretrained(args.model, dtype=args.dtype)
   boxes = [b for b, _ in args.box] or None
   labels = [pos for _, pos in args.box] or None
-  result = predictor.predict(args.image, args.text, boxes, labels, threshold=args.threshold)
+  result = predictor.predict(args.image, args.text, boxes, labels, threshold=args.threshold,
+                             level=args.level)
   draw(load_image(args.image), result).save(args.output)
   print(f"{len(result.scores)} objects above {args.threshold}: scores "
         f"{np.round(result.scores, 3).tolist()}; wrote {args.output}")

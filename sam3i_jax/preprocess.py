@@ -143,6 +143,12 @@ def normalize(image: np.ndarray) -> np.ndarray:
   return (x - np.float32(IMAGE_MEAN)) / np.float32(IMAGE_STD)
 
 
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """Inverse of `normalize` for display: float in [-1, 1] -> uint8 (rounded)."""
+  x = np.asarray(image, np.float32) * np.float32(IMAGE_STD) + np.float32(IMAGE_MEAN)
+  return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
 def preprocess(image: np.ndarray, size: int = 1008, mode: str = "uint8") -> np.ndarray:
   """SAM 3's input transform: float32 (size, size, 3) in [-1, 1] from an (H, W, 3) image.
 

@@ -1,6 +1,6 @@
 """A converted model directory: orbax parameters + config JSON + tokenizer vocab.
 
-  DIR/config.json              Sam3Config fields (and `model`: "sam3")
+  DIR/config.json              Sam3Config fields (and `model`: "sam3", or "sam3i" with adapters)
   DIR/params/                  orbax checkpoint of the nnx.Param state (float32)
   DIR/bpe_simple_vocab_16e6.txt.gz   the CLIP BPE vocabulary (tokenizer)
   DIR/conversion.json          what the converter read, used and ignored
@@ -39,12 +39,16 @@ def save_pretrained(model: nnx.Module, config: Sam3Config, directory: str, *, vo
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(os.path.join(directory, PARAMS_DIR), args=ocp.args.StandardSave(state))
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"model": "sam3", **config.to_dict()}, f, indent=2)
+    json.dump({"model": model_kind(config), **config.to_dict()}, f, indent=2)
   if vocab_path is not None:
     shutil.copyfile(vocab_path, os.path.join(directory, VOCAB_FILE))
   if report is not None:
     with open(os.path.join(directory, REPORT_FILE), "w") as f:
       json.dump(report, f, indent=2)
+
+
+def model_kind(config: Sam3Config) -> str:
+  return "sam3i" if config.adapters else "sam3"
 
 
 def read_config(directory: str, **overrides) -> Sam3Config:
@@ -54,23 +58,24 @@ def read_config(directory: str, **overrides) -> Sam3Config:
   with open(path) as f:
     fields = json.load(f)
   kind = fields.pop("model", "sam3")
-  if kind != "sam3":
-    raise ValueError(f"{path} describes a {kind!r} model, not sam3")
-  return Sam3Config.from_dict({**fields, **overrides})
+  config = Sam3Config.from_dict({**fields, **overrides})
+  if kind != model_kind(config):
+    raise ValueError(f"{path} describes a {kind!r} model, but its fields give a {model_kind(config)!r} one")
+  return config
 
 
 def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None):
-  """Loads a converted SAM 3 directory into a ready `Sam3Image` (eval mode).
+  """Loads a converted SAM 3 / SAM3-I directory into a ready `Sam3Image` (eval mode).
 
   dtype: compute dtype override ("float32"/"bfloat16"); parameters stay float32.
   sharding: optional pytree-prefix sharding for the restored parameters (default: device 0).
   """
   import orbax.checkpoint as ocp
 
-  from sam3i_jax.models.sam3 import Sam3Image
+  from sam3i_jax.models.sam3 import abstract_model
 
   config = read_config(directory, **({"dtype": dtype} if dtype else {}))
-  abstract = nnx.eval_shape(lambda: Sam3Image(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(config)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = nnx.to_pure_dict(params)
   if sharding is None:
@@ -81,13 +86,13 @@ def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None):
   nnx.replace_by_pure_dict(params, restored)
   # Committed to the same device as the parameters, so the first jit call and later ones (whose
   # outputs are committed) see the same argument shardings and compile once.
-  rest = jax.device_put(jax.tree.map(_materialise, rest), jax.devices()[0])
+  rest = jax.device_put(jax.tree.map(materialise, rest), jax.devices()[0])
   model = nnx.merge(graphdef, params, rest)
   model.eval()
   return model
 
 
-def _materialise(leaf):
+def materialise(leaf):
   """Non-parameter state of a fresh model (dropout RNG streams, counters) from its abstract shape."""
   if not isinstance(leaf, jax.ShapeDtypeStruct):
     return leaf

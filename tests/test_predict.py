@@ -98,3 +98,41 @@ def test_cli_writes_an_overlay_png(converted, photo, tmp_path, capsys):
   assert drawn.shape == image.shape and not np.array_equal(drawn, image)
   assert "wrote" in capsys.readouterr().out
   assert os.path.getsize(output) > 0
+
+
+@pytest.fixture(scope="module")
+def sam3i_predictor(tmp_path_factory):
+  """A SAM3-I model from the tiny SAM 3 checkpoint (`convert sam3 --adapters`: identity adapters)."""
+  from convert.sam3 import convert_sam3
+  from full_size_reference import released_layout
+  import torch
+
+  config, model, _ = parity.reference_model("tiny")
+  directory = tmp_path_factory.mktemp("tiny_sam3i")
+  torch.save(released_layout(model), directory / "sam3.pt")
+  out = str(directory / "converted")
+  convert_sam3(str(directory / "sam3.pt"), out, base=config, adapters=True, log=lambda *_: None)
+  return Predictor.from_pretrained(out), out
+
+
+def test_levels(sam3i_predictor, predictor, photo, tmp_path, capsys):
+  sam3i_predictor, directory = sam3i_predictor
+  path, image = photo
+  encoded = sam3i_predictor.encode_image(path)
+  text = "what keeps the rider's head safe"
+  complex_ = sam3i_predictor.predict(encoded, text, threshold=0.0, level="complex")
+  sam3 = predictor.predict(path, text, threshold=0.0)  # the same SAM 3 weights
+  np.testing.assert_allclose(complex_.scores, sam3.scores, rtol=1e-5)  # untrained adapters
+  counter = CompileCounter()
+  sam3i_predictor.predict(encoded, "the helmet on the left", level="complex")  # compiled per level
+  output = str(tmp_path / "out.png")
+  assert main(["--model", directory, "--image", path, "--text", text, "--level", "complex",
+               "--threshold", "0.0", "--output", output]) == 0
+  assert counter.count == 0
+  assert np.asarray(Image.open(output)).shape == image.shape
+  with pytest.raises(ValueError, match="without them"):
+    predictor.predict(encoded, text, level="simple")  # a SAM 3 model has no adapters
+  with pytest.raises(SystemExit):
+    main(["--model", directory, "--image", path, "--text", text, "--level", "2",
+          "--output", output])
+  assert "invalid choice" in capsys.readouterr().err

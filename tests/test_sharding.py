@@ -8,9 +8,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from sam3i_jax.abstract import abstract_model
 from sam3i_jax.models.config import get_preset
-from sam3i_jax.models.sam3 import Sam3Image
+from sam3i_jax.models.sam3 import abstract_model
 from sam3i_jax.train import sharding
 
 
@@ -49,7 +48,7 @@ def test_logical_axes_rules_and_unknown_parameter():
 
 @pytest.mark.parametrize("preset", ["tiny", "full"])
 def test_every_parameter_is_named_and_the_big_ones_are_sharded(preset):
-  model = abstract_model(lambda: Sam3Image(get_preset(preset), rngs=nnx.Rngs(0)))
+  model = abstract_model(get_preset(preset))
   params = nnx.state(model, nnx.Param)
   mesh = FakeMesh(data=2, fsdp=4, tensor=1)
   replicated = 0

@@ -42,6 +42,12 @@ class Sam3Config:
   text_mlp_ratio: int = 4
   context_length: int = 32
   vocab_size: int = 49408
+  # SAM3-I's instruction adapters (model_builder.AdapterConfig); built only when `adapters`.
+  adapters: bool = False
+  text_adapter_heads: int = 4  # the text adapters' own attention (text_width / heads per head)
+  text_adapter_bottleneck: int = 64
+  text_adapter_dropout: float = 0.1  # attention dropout of the text adapters (training only)
+  adapter_bottleneck: int = 64  # the fusion-encoder and decoder adapters
   # Numerics: parameters are always float32; activations in `dtype`.
   dtype: str = "float32"
 
@@ -86,6 +92,8 @@ class Sam3Config:
       problems.append("d_model must be divisible by num_heads and by 8 (GroupNorm(8))")
     if self.text_width % self.text_heads:
       problems.append("text_width must be divisible by text_heads")
+    if self.text_width % self.text_adapter_heads:
+      problems.append("text_width must be divisible by text_adapter_heads")
     if not self.global_att_blocks or max(self.global_att_blocks) != self.vit_depth - 1:
       problems.append("global_att_blocks must end with the last ViT block")
     if self.dtype not in ("float32", "bfloat16"):
@@ -112,21 +120,22 @@ class Sam3Config:
     return cls(**d)
 
 
+# Presets are SAM 3; `get_preset(name, adapters=True)` gives the SAM3-I model of that size.
 PRESETS: dict[str, Sam3Config] = {
-    # The released SAM 3 image model (840.5M parameters).
+    # The released SAM 3 image model (840.5M parameters; 1.15B with the SAM3-I adapters).
     "full": Sam3Config(),
     # The shrunken model of the PyTorch reference (sam3_cpu.TINY_CONFIG): 16x16 tokens, 2x2 windows.
     "tiny": Sam3Config(
         img_size=224, pretrain_img_size=112, vit_dim=128, vit_depth=4, vit_heads=4, window_size=8,
         global_att_blocks=(1, 3), d_model=64, num_heads=4, dim_feedforward=128, text_width=64,
         text_heads=4, text_layers=2, num_enc_layers=2, num_dec_layers=2, num_queries=16,
-        num_geo_layers=1),
+        num_geo_layers=1, text_adapter_heads=2, text_adapter_bottleneck=16, adapter_bottleneck=16),
     # A second small shape: one global block, 2 heads, odd sizes that catch layout mistakes.
     "small": Sam3Config(
         img_size=168, pretrain_img_size=56, vit_dim=96, vit_depth=3, vit_heads=3, window_size=4,
         global_att_blocks=(2,), d_model=32, num_heads=2, dim_feedforward=48, text_width=48,
         text_heads=2, text_layers=3, num_enc_layers=1, num_dec_layers=3, num_queries=8,
-        num_geo_layers=2),
+        num_geo_layers=2, text_adapter_heads=3, text_adapter_bottleneck=12, adapter_bottleneck=8),
 }
 
 

@@ -8,6 +8,9 @@ box relative-position bias ("log" mode) over the token grid.
 In training mode (`model.train()`, which sets `deterministic=False`) the decoder applies DAC: the
 queries and reference boxes are duplicated; the first half (one-to-one) runs as usual, the second half
 (one-to-many) skips self-attention. Outputs then have 2Q queries.
+
+With `config.adapters` every layer holds SAM3-I's adapters (TransformerDecoderLayer_Ada), applied
+next to the FFN for the simple and complex levels.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
+from sam3i_jax.models.adapters import BottleneckAdapter, adapter_path
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import MLP, MultiHeadAttention, dense, dropout_layer, layer_norm
+from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.position_encoding import query_sine_embed
 
 INVERSE_SIGMOID_EPS = 1e-3
@@ -54,6 +59,8 @@ class TransformerDecoderLayer(nnx.Module):
   `tgt = norm1(tgt + CA_img(q=tgt+qpos, k=memory+pos, v=memory, bias))`,
   `tgt = norm3(tgt + FFN(tgt))` with the FFN in float32 (the reference disables autocast there).
   The presence token rides along at position 0 with a zero query_pos and a zero bias row.
+  With adapters the last step is `tgt = norm3(tgt + a(tgt) + FFN(tgt))`, a = adapter1 (simple) or
+  adapter2(adapter12(tgt)) (complex; unlike the fusion encoder's, this adapter2 has no skip).
   """
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
@@ -73,6 +80,9 @@ class TransformerDecoderLayer(nnx.Module):
     self.linear2 = dense(config.dim_feedforward, d, rngs=rngs, dtype=jnp.float32)
     self.dropout4 = dropout_layer(rate, rngs=rngs)
     self.norm3 = layer_norm(d, rngs=rngs, dtype=dtype)
+    if config.adapters:
+      self.adapter1, self.adapter12, self.adapter2 = (
+          BottleneckAdapter(d, config.adapter_bottleneck, rngs=rngs, dtype=dtype) for _ in range(3))
 
   def ffn(self, x: jax.Array) -> jax.Array:
     """linear2(relu(linear1(x))) in float32 (without the residual)."""
@@ -80,7 +90,7 @@ class TransformerDecoderLayer(nnx.Module):
 
   def __call__(self, tgt: jax.Array, query_pos: jax.Array, presence: jax.Array, prompt: jax.Array,
                prompt_mask: jax.Array, memory: jax.Array, memory_pos: jax.Array, bias: jax.Array,
-               *, dac: bool = False) -> tuple[jax.Array, jax.Array]:
+               *, dac: bool = False, level: Level = Level.CONCEPT) -> tuple[jax.Array, jax.Array]:
     """tgt, query_pos (B, N, D); presence (B, 1, D); prompt (B, P, D) with prompt_mask (B, P)
     True = pad; memory, memory_pos (B, L, D); bias (B, H, N, L) additive image-attention bias.
     dac: N = 2Q and only the first Q queries (plus presence) self-attend.
@@ -101,7 +111,10 @@ class TransformerDecoderLayer(nnx.Module):
     x = self.norm1(x + self.dropout1(
         self.cross_attn(x + query_pos, memory + memory_pos, memory, bias=bias)))
 
-    x = self.norm3(x + self.dropout4(self.ffn(x)))
+    ffn = self.dropout4(self.ffn(x))
+    if level is not Level.CONCEPT:
+      x = x + adapter_path(level, x, self)
+    x = self.norm3(x + ffn)
     return x[:, 1:], x[:, :1]
 
 
@@ -157,9 +170,11 @@ class TransformerDecoder(nnx.Module):
     return jax.nn.sigmoid(inverse_sigmoid(ref_boxes.astype(jnp.float32)) + delta)
 
   def __call__(self, memory: jax.Array, memory_pos: jax.Array, prompt: jax.Array,
-               prompt_mask: jax.Array, grid: tuple[int, int]) -> dict[str, jax.Array]:
+               prompt_mask: jax.Array, grid: tuple[int, int], level: Level | str = Level.CONCEPT
+               ) -> dict[str, jax.Array]:
     """memory (B, L, D) fused image tokens; memory_pos (L, D) or (B, L, D); prompt (B, P, D);
-    prompt_mask (B, P) True = pad; grid (h, w) static with h * w = L.
+    prompt_mask (B, P) True = pad; grid (h, w) static with h * w = L; level (static) picks the
+    adapters.
 
     Returns hs (layers, B, N, D) = norm(layer outputs); ref_boxes (layers, B, N, 4) the input
     reference boxes of each layer (sigmoid space, cxcywh); presence_logits (layers, B, 1), not
@@ -170,6 +185,7 @@ class TransformerDecoder(nnx.Module):
     if grid[0] * grid[1] != length:
       raise ValueError(f"grid {grid} does not match {length} memory tokens")
     dtype = self.config.compute_dtype
+    level = parse_level(level)
     dac = not self.deterministic
     copies = 2 if dac else 1
     memory = memory.astype(dtype)
@@ -187,7 +203,7 @@ class TransformerDecoder(nnx.Module):
       query_pos = self.ref_point_head(query_sine_embed(ref, d).astype(dtype))
       bias = self.rpb_matrix(ref, grid)
       tgt, presence = layer(tgt, query_pos, presence, prompt, prompt_mask, memory, memory_pos, bias,
-                            dac=dac)
+                            dac=dac, level=level)
       normed = self.norm(tgt)
       new_ref = self.refine(ref, normed)
       if i < len(self.layers) - 1:

@@ -14,8 +14,11 @@ from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import LN_EPS, MLP, MultiHeadAttention, conv, dense, layer_norm
+from sam3i_jax.models.levels import Level, parse_level
 
 GROUP_NORM_GROUPS = 8
+MASK_PREDICTORS = {Level.CONCEPT: "mask_predictor", Level.SIMPLE: "mask_predictor_adapter1",
+                   Level.COMPLEX: "mask_predictor_adapter2"}
 
 
 def masked_mean(x: jax.Array, pad_mask: jax.Array) -> jax.Array:
@@ -105,6 +108,10 @@ class SegmentationHead(nnx.Module):
   e = memory + cross_attend_prompt(q=cross_attn_norm(memory), k=v=prompt) replaces the coarsest FPN
   level; the pixel decoder upsamples to the finest level; 1x1 convs give the per-pixel instance
   embeddings (dotted with mask_embed(queries)) and the semantic logits.
+
+  With adapters, SAM3-I's copies mask_predictor_adapter1 / _adapter2 (built as copies of
+  mask_predictor) replace mask_predictor for the simple / complex level; nothing else changes
+  (the reference's pixel-decoder adapters are never wired in).
   """
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
@@ -117,6 +124,9 @@ class SegmentationHead(nnx.Module):
     self.semantic_seg_head = conv(d, 1, 1, rngs=rngs, dtype=dtype)
     self.instance_seg_head = conv(d, d, 1, rngs=rngs, dtype=dtype)
     self.dtype = dtype
+    if config.adapters:
+      self.mask_predictor_adapter1 = nnx.clone(self.mask_predictor)
+      self.mask_predictor_adapter2 = nnx.clone(self.mask_predictor)
 
   def pixel_embeddings(self, fpn: list[jax.Array], memory: jax.Array, prompt: jax.Array,
                        prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,9 +150,15 @@ class SegmentationHead(nnx.Module):
     """
     return (predictor or self.mask_predictor)(queries, instance_embeds)
 
+  def mask_predictor_for(self, level: Level) -> MaskPredictor:
+    return getattr(self, MASK_PREDICTORS[level])
+
   def __call__(self, fpn: list[jax.Array], hs_last: jax.Array, memory: jax.Array, prompt: jax.Array,
-               prompt_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """hs_last (B, Q, D) last-layer decoder queries; other inputs as `pixel_embeddings`.
-    Returns (pred_masks (B, Q, 4g, 4g), semantic_seg (B, 1, 4g, 4g)), logits."""
+               prompt_mask: jax.Array, level: Level | str = Level.CONCEPT
+               ) -> tuple[jax.Array, jax.Array]:
+    """hs_last (B, Q, D) last-layer decoder queries; other inputs as `pixel_embeddings`; level
+    (static) picks the mask predictor. Returns (pred_masks (B, Q, 4g, 4g), semantic_seg
+    (B, 1, 4g, 4g)), logits."""
     instance_embeds, semantic = self.pixel_embeddings(fpn, memory, prompt, prompt_mask)
-    return self.predict_masks(hs_last, instance_embeds), semantic
+    predictor = self.mask_predictor_for(parse_level(level))
+    return self.predict_masks(hs_last, instance_embeds, predictor), semantic

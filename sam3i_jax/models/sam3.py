@@ -6,6 +6,10 @@ Data flow (batch-first, NHWC):
   boxes (B,N,4) -> geometry_encoder -> N+1 prompt tokens;  prompt = text ++ geometry
   transformer.encoder fuses image tokens with the prompt; transformer.decoder predicts Q boxes + presence;
   dot_prod_scoring gives the logits; segmentation_head the instance and semantic masks.
+
+SAM3-I (config.adapters): every method that runs the text, fusion-encoder, decoder or mask path takes
+the instruction `level` (static; see levels.py). The concept level is SAM 3 itself, bit for bit; the
+simple and complex levels run the adapters. `instruction_embedding` is stage 3's projection head.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
+from sam3i_jax.models.adapters import ProjectionHead
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.decoder import TransformerDecoder
 from sam3i_jax.models.encoder import TransformerEncoderFusion
 from sam3i_jax.models.geometry_encoder import GeometryEncoder
 from sam3i_jax.models.heads import DotProductScoring, SegmentationHead
+from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.neck import VisionNeck
 from sam3i_jax.models.text_encoder import TextEncoder
 
@@ -52,7 +59,8 @@ class TransformerWrapper(nnx.Module):
 
 
 class Sam3Image(nnx.Module):
-  """SAM 3's image model. Eval mode by default; `model.train()` enables dropout, drop path and DAC."""
+  """SAM 3's image model (SAM3-I's with config.adapters). Eval mode by default; `model.train()`
+  enables dropout, drop path and DAC."""
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     self.config = config
@@ -61,6 +69,13 @@ class Sam3Image(nnx.Module):
     self.transformer = TransformerWrapper(config, rngs=rngs)
     self.dot_prod_scoring = DotProductScoring(config, rngs=rngs)
     self.segmentation_head = SegmentationHead(config, rngs=rngs)
+    if config.adapters:
+      # One module: the released stage-3 config shares it (share_mlp_params) as
+      # complex_query_proj and concept_proj too.
+      self.simple_query_proj = ProjectionHead(config.d_model, rngs=rngs, dtype=config.compute_dtype)
+
+  def _level(self, level: Level | str) -> Level:
+    return parse_level(level, self.config.adapters)
 
   # --- the two encoders --------------------------------------------------------------------
   def encode_image(self, images: jax.Array) -> ImageFeatures:
@@ -71,10 +86,17 @@ class Sam3Image(nnx.Module):
     fpn, pos = self.backbone.vision_backbone(images)
     return ImageFeatures(list(fpn), list(pos))
 
-  def encode_text(self, token_ids: jax.Array) -> TextFeatures:
-    """token_ids: (B, context_length) int, 0 = padding (see sam3i_jax.tokenizer)."""
-    tokens, pad_mask, _ = self.backbone.language_backbone(token_ids)
+  def encode_text(self, token_ids: jax.Array, level: Level | str = Level.CONCEPT) -> TextFeatures:
+    """token_ids: (B, context_length) int, 0 = padding (see sam3i_jax.tokenizer); level: static."""
+    tokens, pad_mask, _ = self.backbone.language_backbone(token_ids, self._level(level))
     return TextFeatures(tokens, pad_mask)
+
+  def instruction_embedding(self, text: TextFeatures) -> jax.Array:
+    """Stage 3's projected instruction feature (B, D): simple_query_proj of the mean of all L token
+    features, padding positions included, as the reference pools them."""
+    if not self.config.adapters:
+      raise ValueError("instruction_embedding needs the SAM3-I adapters (Sam3Config.adapters=False)")
+    return self.simple_query_proj(text.tokens.astype(jnp.float32).mean(axis=1))
 
   # --- prompt -> detections --------------------------------------------------------------------
   def encode_prompt(self, image: ImageFeatures, text: TextFeatures, boxes=None, box_labels=None,
@@ -92,25 +114,30 @@ class Sam3Image(nnx.Module):
     return prompt, jnp.concatenate([text.pad_mask, geo_mask], axis=1)
 
   def ground(self, image: ImageFeatures, text: TextFeatures, boxes=None, box_labels=None,
-             box_mask=None) -> Outputs:
-    """Detection and segmentation for one prompt per batch row (image row i with text row i)."""
+             box_mask=None, *, level: Level | str = Level.CONCEPT) -> Outputs:
+    """Detection and segmentation for one prompt per batch row (image row i with text row i).
+    `text` must come from encode_text at the same level."""
+    level = self._level(level)
     prompt, prompt_mask = self.encode_prompt(image, text, boxes, box_labels, box_mask)
     feat = image.fpn[-1]
     b, h, w, d = feat.shape
     memory = self.transformer.encoder(feat.reshape(b, h * w, d), image.pos[-1].reshape(h * w, d),
-                                      prompt, prompt_mask)
-    return self.heads(image, memory, prompt, prompt_mask, (h, w))
+                                      prompt, prompt_mask, level)
+    return self.heads(image, memory, prompt, prompt_mask, (h, w), level)
 
   def heads(self, image: ImageFeatures, memory: jax.Array, prompt: jax.Array,
-            prompt_mask: jax.Array, grid: tuple[int, int]) -> Outputs:
+            prompt_mask: jax.Array, grid: tuple[int, int], level: Level | str = Level.CONCEPT
+            ) -> Outputs:
     """Decoder, scoring, boxes and masks on top of the fused image tokens `memory` (B, g*g, D)."""
+    level = self._level(level)
     decoder = self.transformer.decoder
     pos = image.pos[-1].reshape(grid[0] * grid[1], -1)
-    dec = decoder(memory, pos, prompt, prompt_mask, grid)
+    dec = decoder(memory, pos, prompt, prompt_mask, grid, level)
     hs, refs, presence = dec["hs"], dec["ref_boxes"], dec["presence_logits"]
     logits = self.dot_prod_scoring(hs, prompt, prompt_mask)
     boxes = decoder.refine(refs, hs)
-    pred_masks, semantic_seg = self.segmentation_head(image.fpn, hs[-1], memory, prompt, prompt_mask)
+    pred_masks, semantic_seg = self.segmentation_head(image.fpn, hs[-1], memory, prompt, prompt_mask,
+                                                      level)
     return self._collect(logits, boxes, presence, hs[-1], pred_masks, semantic_seg)
 
   def _collect(self, logits, boxes, presence, queries, pred_masks, semantic_seg) -> Outputs:
@@ -133,10 +160,29 @@ class Sam3Image(nnx.Module):
     return out
 
   def __call__(self, images: jax.Array, token_ids: jax.Array, boxes=None, box_labels=None,
-               box_mask=None) -> Outputs:
+               box_mask=None, *, level: Level | str = Level.CONCEPT) -> Outputs:
     """images (B,S,S,3), token_ids (B,L), optional boxes (B,N,4) cxcywh in [0,1] with labels (B,N)
-    (True = positive) and mask (B,N) (True = padding). Returns pred_logits (B,Q,1), pred_boxes
-    (B,Q,4) cxcywh, pred_boxes_xyxy, pred_masks (B,Q,4g,4g), semantic_seg (B,1,4g,4g),
-    presence_logit (B,1), queries (B,Q,D); in training also aux_outputs and *_o2m."""
-    return self.ground(self.encode_image(images), self.encode_text(token_ids), boxes, box_labels,
-                       box_mask)
+    (True = positive) and mask (B,N) (True = padding); level (static): the instruction level of
+    every row. Returns pred_logits (B,Q,1), pred_boxes (B,Q,4) cxcywh, pred_boxes_xyxy, pred_masks
+    (B,Q,4g,4g), semantic_seg (B,1,4g,4g), presence_logit (B,1), queries (B,Q,D); in training also
+    aux_outputs and *_o2m."""
+    level = self._level(level)
+    return self.ground(self.encode_image(images), self.encode_text(token_ids, level), boxes,
+                       box_labels, box_mask, level=level)
+
+
+def host_counted_rngs(seed: int = 0) -> nnx.Rngs:
+  """nnx.Rngs(seed) (the same keys) whose call counter is a host integer.
+
+  Building a model under a trace (nnx.eval_shape, jax.jit) with the usual traced counter costs time
+  quadratic in the model size: every rng call probes the tracer's `sharding`, and JAX formats an
+  error message that walks the whole trace. The full-size model's eval_shape took 34 s, 3.7 s here.
+  """
+  rngs = nnx.Rngs(seed)
+  rngs.default.count.set_raw_value(np.zeros((), np.uint32))
+  return rngs
+
+
+def abstract_model(config: Sam3Config) -> Sam3Image:
+  """The model's structure with jax.ShapeDtypeStruct leaves (no parameter is materialised)."""
+  return nnx.eval_shape(lambda: Sam3Image(config, rngs=host_counted_rngs()))

@@ -2,7 +2,9 @@
 
 Attribute names mirror `backbone.language_backbone.` of the PyTorch model (VETextEncoder):
 `encoder` (TextTransformer: token_embedding, positional_embedding, transformer.resblocks, ln_final)
-and `resizer`. The unused `text_projection` of the checkpoint is deliberately absent.
+and `resizer`. The unused `text_projection` of the checkpoint is deliberately absent. With
+`config.adapters` every block also holds SAM3-I's adapters (AdapterResidualBlock of
+text_encoder_ve_ada.py), which the simple and complex levels run.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sam3i_jax.models.adapters import TextAdapter, adapter_path
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm
+from sam3i_jax.models.levels import Level, parse_level
 
 
 def causal_bias(length: int) -> np.ndarray:
@@ -34,7 +38,11 @@ class TextMLP(nnx.Module):
 
 
 class ResidualAttentionBlock(nnx.Module):
-  """Pre-LN block: `x += attn(ln_1(x), causal); x += mlp(ln_2(x))` (no layer scale)."""
+  """Pre-LN block: `x += attn(ln_1(x), causal); x += mlp(ln_2(x))` (no layer scale).
+
+  Simple / complex levels: the adapters run on the residual stream in parallel to the MLP, which
+  still sees the pre-adapter stream: `m = mlp(ln_2(x)); x = A(x) + m`.
+  """
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     width, dtype = config.text_width, config.compute_dtype
@@ -42,11 +50,16 @@ class ResidualAttentionBlock(nnx.Module):
     self.ln_1 = layer_norm(width, rngs=rngs, dtype=dtype)
     self.ln_2 = layer_norm(width, rngs=rngs, dtype=dtype)
     self.mlp = TextMLP(width, width * config.text_mlp_ratio, rngs=rngs, dtype=dtype)
+    if config.adapters:
+      self.adapter1, self.adapter12, self.adapter2 = (TextAdapter(config, rngs=rngs) for _ in range(3))
 
-  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array, level: Level = Level.CONCEPT) -> jax.Array:
     t = self.ln_1(x)
     x = x + self.attn(t, t, t, bias=bias)
-    return x + self.mlp(self.ln_2(x))
+    mlp = self.mlp(self.ln_2(x))
+    if level is not Level.CONCEPT:
+      x = adapter_path(level, x, self)
+    return x + mlp
 
 
 class Transformer(nnx.Module):
@@ -54,9 +67,9 @@ class Transformer(nnx.Module):
     self.resblocks = nnx.List([ResidualAttentionBlock(config, rngs=rngs)
                                for _ in range(config.text_layers)])
 
-  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, bias: jax.Array, level: Level = Level.CONCEPT) -> jax.Array:
     for block in self.resblocks:
-      x = block(x, bias)
+      x = block(x, bias, level)
     return x
 
 
@@ -74,12 +87,13 @@ class TextTransformer(nnx.Module):
     self.transformer = Transformer(config, rngs=rngs)
     self.ln_final = layer_norm(width, rngs=rngs, dtype=dtype)
 
-  def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, token_ids: jax.Array, level: Level = Level.CONCEPT
+               ) -> tuple[jax.Array, jax.Array]:
     """token_ids (B, L) -> (token states (B, L, width), token embeddings (B, L, width))."""
     length = token_ids.shape[1]
     embeds = self.token_embedding(token_ids)
     x = embeds + self.positional_embedding[...][:length].astype(self.dtype)
-    x = self.transformer(x, jnp.asarray(causal_bias(length)))
+    x = self.transformer(x, jnp.asarray(causal_bias(length)), level)
     return self.ln_final(x), embeds
 
 
@@ -94,12 +108,13 @@ class TextEncoder(nnx.Module):
     self.encoder = TextTransformer(config, rngs=rngs)
     self.resizer = dense(config.text_width, config.d_model, rngs=rngs, dtype=config.compute_dtype)
 
-  def __call__(self, token_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """token_ids (B, L) int, L <= context_length, 0 = padding.
+  def __call__(self, token_ids: jax.Array, level: Level | str = Level.CONCEPT
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """token_ids (B, L) int, L <= context_length, 0 = padding; level (static) picks the adapters.
 
     Returns features (B, L, d_model) (`language_features`), pad_mask (B, L) bool True where the
     id is 0 (`language_mask`), and the raw token embeddings (B, L, text_width), without the
     positional term (`language_embeds`, the reference's `inputs_embeds`).
     """
-    states, embeds = self.encoder(token_ids)
+    states, embeds = self.encoder(token_ids, parse_level(level))
     return self.resizer(states), token_ids == 0, embeds

@@ -1,0 +1,88 @@
+"""Random-access sources of `Record`s: an HMPL JSON file read directly, or the ArrayRecord shards
+that the TFDS builder wrote. Both are picklable (grain's worker processes get a copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from input_pipeline import hmpl
+
+TFDS_BUILDER_NAME = "sam3i_instruct"
+BUILD_REPORT_FILE = "build_report.json"
+
+
+def tfds_config_name(dataset_name: str) -> str:
+  """The TFDS builder config of a dataset: "HMPL-Instruct_1to1" -> "hmpl_instruct_1to1"."""
+  return "".join(c if c.isalnum() else "_" for c in dataset_name.lower()).strip("_")
+
+
+class JsonSource:
+  """The records of one HMPL JSON file; each read fills in the image file's bytes.
+
+  Indexing validates the whole file up front (`hmpl.read_hmpl_json`); what was skipped is in
+  `report`. A file that disappears or cannot be read later gives a record with `image_error`
+  set, which the transform treats as a corrupt image.
+  """
+
+  def __init__(self, json_path: str, image_root: str, *, bad_input: str = "error",
+               check_images: str = "exists", text_rules: hmpl.TextRules | None = hmpl.TextRules()):
+    self.json_path, self.image_root = json_path, image_root
+    self.report = hmpl.InputReport(bad_input)
+    self.records = hmpl.read_hmpl_json(json_path, image_root, check_images=check_images,
+                                       text_rules=text_rules, report=self.report)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> hmpl.Record:
+    record = self.records[index]
+    path = os.path.join(self.image_root, record.file_name)
+    try:
+      with open(path, "rb") as f:
+        return dataclasses.replace(record, image=f.read())
+    except OSError as e:
+      return dataclasses.replace(record, image_error=f"image file {path} cannot be read ({e})")
+
+  def concept_counts(self) -> list[int]:
+    return [len(r.concept) for r in self.records]
+
+  def __repr__(self) -> str:
+    return f"JsonSource({self.json_path!r}, {len(self)} records)"
+
+
+class TfdsSource:
+  """The records of one split of a built `sam3i_instruct/<config>` dataset (ArrayRecord).
+
+  `report` holds what the builder skipped (its `build_report.json`), so training logs it too.
+  """
+
+  def __init__(self, config_name: str, split: str, data_dir: str):
+    import tensorflow_datasets as tfds  # only for TFDS sources; never imports tensorflow here
+    self.name = f"{TFDS_BUILDER_NAME}/{config_name}"
+    if not os.path.isdir(os.path.join(data_dir, TFDS_BUILDER_NAME, config_name)):
+      raise FileNotFoundError(
+          f"{self.name} is not built in {data_dir}; build it with `python -m "
+          f"input_pipeline.build --dataset <name> ... --out {data_dir}`")
+    self.source = tfds.data_source(self.name, split=split, data_dir=data_dir)
+    self.report = hmpl.InputReport("skip")
+    report_path = os.path.join(self.source.dataset_info.data_dir, BUILD_REPORT_FILE)
+    if os.path.isfile(report_path):
+      with open(report_path) as f:
+        built = json.load(f).get(split, {})
+      self.report.problems.update(built.get("problems", {}))
+      self.report.notes.update(built.get("notes", {}))
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> hmpl.Record:
+    return hmpl.Record.from_features(self.source[index])
+
+  def concept_counts(self) -> list[int]:
+    return [len(self.source[i]["concept"]) for i in range(len(self.source))]
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, {len(self)} records)"

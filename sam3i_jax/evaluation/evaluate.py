@@ -1,0 +1,140 @@
+"""Evaluation of a model on an eval pipeline, per instruction level, as SAM3-I evaluates.
+
+For each sample and level: one forward pass (jit-compiled per level), post-processing as
+DESIGN.md 2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, masks resized to the
+original image), the kept masks combined by the `union` (HMPL, Ref-ZOM) or `top1` (RefCOCO) rule,
+compared with the OR of all the datapoint's annotations. Metrics per level, per dataset (subset)
+and per level x dataset (`sam3i_jax.evaluation.metrics`). With several processes, each evaluates
+its share and the per-sample counts are gathered before the metrics are computed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+import pycocotools.mask as mask_utils
+from flax import nnx
+
+from sam3i_jax.evaluation import metrics as metrics_lib
+from sam3i_jax.evaluation.postprocess import postprocess
+from sam3i_jax.preprocess import denormalize
+
+HOST_KEY = "text"  # input_pipeline.transforms.HOST_KEY (not imported: the package stays light)
+OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "level"))
+def _forward(graphdef, state, images, tokens, level):
+  model = nnx.merge(graphdef, state)
+  outputs = model(images, tokens, level=level)
+  return {key: outputs[key] for key in OUTPUT_KEYS}
+
+
+def decode_ground_truth(rle: str, height: int, width: int) -> np.ndarray:
+  return mask_utils.decode({"size": [int(height), int(width)],
+                           "counts": str(rle).encode("ascii")}).astype(bool)
+
+
+def _gather_samples(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
+  """(N, 4) int64 rows (intersection, union, level index, dataset index) of every process."""
+  local = np.asarray(rows, np.int64).reshape(-1, 4)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  counts = multihost_utils.process_allgather(np.asarray([len(local)]))
+  padded = np.zeros((int(counts.max()), 4), np.int64)
+  padded[:len(local)] = local
+  gathered = multihost_utils.process_allgather(padded)
+  return np.concatenate([g[:int(n)] for g, n in zip(gathered, counts.reshape(-1))])
+
+
+def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Sequence[str],
+             combine: metrics_lib.CombineRule = "union", threshold: float = 0.5,
+             datasets: Sequence[str] = (), to_device: Callable[[dict], dict] | None = None,
+             from_device: Callable[[Any], Any] = jax.device_get,
+             image_dir: str | None = None, num_images: int = 0,
+             log: Callable[[str], Any] = print) -> dict[str, dict[str, float]]:
+  """-> metrics by group ("all", "level=simple", "dataset=...", "level=.../dataset=...").
+
+  batches: eval batches of the input pipeline (with the host strings under "text"; padding
+    examples have example_valid False). `datasets`: the dataset names, in a fixed order shared
+    by all processes (they index the gathered counts). `to_device`: turns a host batch's arrays
+    into (global) device arrays; None = as they are. `from_device`: the model outputs -> this
+    process's rows as numpy (multi-host: `multihost_utils.global_array_to_host_local_array`). `image_dir`, `num_images`: PNG overlays of
+    the first predictions per level (process 0 only).
+  """
+  model.eval()
+  graphdef, state = nnx.split(model)
+  dataset_index = {name: i for i, name in enumerate(datasets)}
+  rows: list[tuple[int, int, int, int]] = []
+  drawn = {level: 0 for level in levels}
+  start, seen = time.time(), 0
+  for batch_number, batch in enumerate(batches):
+    host = batch[HOST_KEY]
+    arrays = {k: v for k, v in batch.items() if k != HOST_KEY}
+    device = to_device(arrays) if to_device else arrays
+    valid = np.flatnonzero(np.asarray(batch["example_valid"]))
+    for level_number, level in enumerate(levels):
+      outputs = from_device(_forward(graphdef, state, device["image"],
+                                     device[f"tokens_{level}"], level))
+      outputs = {k: np.asarray(v)[:len(batch["example_valid"])] for k, v in outputs.items()}
+      for i in valid:
+        height, width = (int(v) for v in batch["orig_size"][i])
+        detections = postprocess(*(outputs[k][i] for k in OUTPUT_KEYS), (height, width),
+                                 threshold)
+        prediction = metrics_lib.combine_detections(detections["masks"], detections["scores"],
+                                                     combine, (height, width))
+        target = decode_ground_truth(host["ground_truth"][i], height, width)
+        inter, union = metrics_lib.intersection_union(prediction, target)
+        name = str(host["dataset"][i])
+        if name not in dataset_index:
+          dataset_index[name] = len(dataset_index)
+        rows.append((inter, union, level_number, dataset_index[name]))
+        if image_dir and drawn[level] < num_images and jax.process_index() == 0:
+          _draw(image_dir, level, str(host[level][i]), batch["image"][i], (height, width),
+                detections, int(batch["datapoint_id"][i]))
+          drawn[level] += 1
+    seen += len(valid)
+    if (batch_number + 1) % 10 == 0:
+      log(f"  eval: {batch_number + 1} batches, {seen} samples, "
+          f"{seen / (time.time() - start):.1f} samples/s")
+  names = {i: n for n, i in dataset_index.items()}
+  accumulator = metrics_lib.SegmentationMetrics(cross=("level", "dataset"))
+  for inter, union, level_number, dataset in _gather_samples(rows):
+    accumulator.add_counts(int(inter), int(union), level=levels[int(level_number)],
+                           dataset=names.get(int(dataset), str(dataset)))
+  return accumulator.result()
+
+
+def _draw(image_dir: str, level: str, text: str, image: np.ndarray, size: tuple[int, int],
+          detections: dict[str, np.ndarray], datapoint_id: int) -> None:
+  """The prediction over the (resized back) input image, with the instruction as its title."""
+  from PIL import Image, ImageDraw
+
+  from sam3i_jax.predict import Prediction, draw
+
+  height, width = size
+  picture = Image.fromarray(denormalize(np.asarray(image))).resize((width, height),
+                                                                   Image.BILINEAR)
+  overlay = draw(np.asarray(picture), Prediction(detections["boxes_xyxy"], detections["scores"],
+                                                 detections["masks"], size))
+  titled = Image.new("RGB", (width, height + 18), "white")
+  titled.paste(overlay, (0, 18))
+  ImageDraw.Draw(titled).text((4, 3), f"[{level}] {text}", fill="black")
+  os.makedirs(image_dir, exist_ok=True)
+  titled.save(os.path.join(image_dir, f"{level}_{datapoint_id}.png"))
+
+
+def format_table(results: dict[str, dict[str, float]], keys: Sequence[str] = (
+    "gIoU", "cIoU", "P@0.5", "gIoU_lisa")) -> str:
+  width = max(len(group) for group in results)
+  lines = [f"{'group':<{width}}  {'count':>6}  " + "  ".join(f"{k:>9}" for k in keys)]
+  for group, values in results.items():
+    lines.append(f"{group:<{width}}  {values['count']:>6}  " +
+                 "  ".join(f"{values[k]:>9.2f}" for k in keys))
+  return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The training objective of every stage: SAM 3's loss on each instruction branch, plus the
+stage-3 alignment terms between the simple and complex branches.
+
+Stage 0 (the demo's from-scratch pre-training, not in the released recipe) trains on concept
+prompts, stage 1 on simple instructions, stage 2 on complex ones; stage 3 runs both branches on
+the same image and adds the four alignment losses (`sam3i_jax.losses.alignment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from sam3i_jax.losses.alignment import AlignmentWeights, alignment_losses
+from sam3i_jax.losses.detection import LossWeights, detection_loss
+
+STAGE_LEVELS: dict[int, tuple[str, ...]] = {
+    0: ("concept",), 1: ("simple",), 2: ("complex",), 3: ("simple", "complex")}
+ALIGNMENT_STAGE = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Static settings of `loss_fn` (hashable, so it can be a static jit argument)."""
+  stage: int
+  detection: LossWeights = LossWeights()
+  alignment: AlignmentWeights = AlignmentWeights()
+  num_replicas: int = 1  # data-parallel replicas of the reference's per-GPU normalisation
+
+  def __post_init__(self):
+    if self.stage not in STAGE_LEVELS:
+      raise ValueError(f"stage must be one of {sorted(STAGE_LEVELS)}, got {self.stage}")
+
+  @property
+  def levels(self) -> tuple[str, ...]:
+    return STAGE_LEVELS[self.stage]
+
+
+def union_masks(targets: Mapping[str, jax.Array]) -> jax.Array:
+  """(B, M, M) bool: the OR of each example's valid target masks (the semantic-seg target)."""
+  valid = targets["target_valid"][:, :, None, None]
+  return jnp.any(jnp.logical_and(targets["masks"], valid), axis=1)
+
+
+def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
+            config: ObjectiveConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """-> (total, metrics) for one training step.
+
+  Args:
+    outputs: the model outputs per instruction level of the stage (`config.levels`, e.g.
+      {"simple": ..., "complex": ...}); in stage 3 also "embeddings": {"simple", "complex",
+      "concept"} -> (B, D) projected mean-pooled text features (the concept ones through the
+      frozen SAM 3 text path; they are the anchors).
+    targets: the batch (boxes, target_valid, masks at the prediction resolution, and for stage 3
+      concept_id and example_valid).
+  Returns:
+    total (float32 scalar) and metrics: "loss", "<level>/loss", "<level>/<reference term>" and,
+    in stage 3, "align/<kl|hard|infonce|margin>" (weighted terms).
+  """
+  missing = [level for level in config.levels if level not in outputs]
+  if missing:
+    raise ValueError(f"stage {config.stage} needs outputs for {config.levels}; missing {missing}")
+  metrics: dict[str, jax.Array] = {}
+  total = jnp.zeros((), jnp.float32)
+  for level in config.levels:
+    branch_total, terms = detection_loss(outputs[level], targets, weights=config.detection,
+                                         num_replicas=config.num_replicas)
+    metrics[f"{level}/loss"] = branch_total
+    metrics.update({f"{level}/{name}": value for name, value in terms.items()})
+    total = total + branch_total
+  if config.stage == ALIGNMENT_STAGE:
+    simple, complex_ = outputs["simple"], outputs["complex"]
+    embeddings = outputs["embeddings"]
+    example_valid = targets.get("example_valid")
+    if example_valid is None:
+      example_valid = jnp.ones(targets["boxes"].shape[:1], bool)
+    align_total, terms = alignment_losses(
+        simple["semantic_seg"], complex_["semantic_seg"], union_masks(targets),
+        embeddings["simple"], embeddings["complex"], embeddings["concept"],
+        targets["concept_id"], example_valid, config.alignment)
+    metrics.update({f"align/{name}": value for name, value in terms.items()})
+    total = total + align_total
+  metrics["loss"] = total
+  return total, metrics

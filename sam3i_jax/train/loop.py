@@ -1,0 +1,286 @@
+"""The training job of main.py: the stages of the config in order, with checkpoints, resume,
+logging, a NaN guard and evaluation.
+
+Layout of `workdir`:
+  stage{N}/checkpoints/   orbax checkpoints (state, data iterator, meta), keep-N, atomic
+  stage{N}/final/         the stage's final model as a converted directory (`load_pretrained`)
+  stage{N}/predictions/   PNG overlays of evaluation predictions
+  tensorboard/            TensorBoard event files (tensorboardX)
+  metrics.jsonl           every logged step and evaluation, one JSON object a line
+  metrics.json            the evaluation results per stage
+A stage whose `final/` exists is complete and is skipped on restart; an interrupted stage resumes
+from its latest checkpoint, data iterator included, and continues exactly as if uninterrupted.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import input_pipeline
+from sam3i_jax import partition
+from sam3i_jax.evaluation.evaluate import evaluate, format_table
+from sam3i_jax.losses.objective import ObjectiveConfig
+from sam3i_jax.models.adapters import copy_mask_predictor, migrate_to_complex
+from sam3i_jax.models.config import get_preset
+from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
+from sam3i_jax.pretrained import load_pretrained, read_config, save_pretrained
+from sam3i_jax.tokenizer import find_vocab
+from sam3i_jax.train import optimizer as optimizer_lib
+from sam3i_jax.train import sharding as sharding_lib
+from sam3i_jax.train.checkpoints import Checkpoints, abstract_with_shardings
+from sam3i_jax.train.step import StepConfig, Trainer
+
+FINAL_DIR = "final"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A step produced a NaN/Inf loss or gradient; nothing of that step was saved."""
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+class MetricsLog:
+  """metrics.jsonl and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.writer = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, kind: str, stage: int, step: int, values: dict[str, float]) -> None:
+    """kind: "train" or "eval"; TensorBoard tags are "<kind>/stage<N>/<name>"."""
+    if not self.active:
+      return
+    with open(self.jsonl, "a") as f:
+      f.write(json.dumps({"kind": kind, "stage": stage, "step": step, **values}) + "\n")
+    for key, value in values.items():
+      tag = key.replace("=", "_").replace("@", "_at_")  # TensorBoard's tag alphabet
+      self.writer.add_scalar(f"{kind}/stage{stage}/{tag}", value, step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The SAM3-I model config: the init checkpoint's sizes, or the preset's."""
+  overrides = {"dtype": config.model.dtype, "adapters": True}
+  if config.init.checkpoint:
+    return read_config(config.init.checkpoint, **overrides)
+  return get_preset(config.model.preset, **overrides)
+
+
+def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  if config.init.checkpoint:
+    _log(f"init: {config.init.checkpoint}")
+    return load_pretrained(config.init.checkpoint, dtype=config.model.dtype)
+  _log(f"init: random ({config.model.preset} preset, seed {config.seed})")
+  return Sam3Image(model_config(config), rngs=host_counted_rngs(config.seed))
+
+
+def enter_stage(model: nnx.Module, stage: int, previous: int | None) -> None:
+  """The state changes at the start of a stage: the mask-predictor copies follow SAM 3's own
+  predictor whenever the adapters are added to a SAM 3 model (start of stage 1 from stage 0 or
+  a SAM 3 checkpoint); stage 2 after stage 1 migrates the simple path into the complex one."""
+  if stage == 1 and previous in (None, 0):
+    nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
+  elif stage == 2 and previous == 1:
+    nnx.update(model, migrate_to_complex(nnx.state(model, nnx.Param)))
+
+
+def stage_data_config(config: ml_collections.ConfigDict, stage: int,
+                      batch_size: int) -> ml_collections.ConfigDict:
+  settings = config.stage_settings[f"stage{stage}"]
+  data = copy.deepcopy(config.data)
+  data.unlock()
+  if settings.datasets:
+    data.datasets = [entry for entry in data.datasets if entry.name in settings.datasets]
+  data.batch_size = batch_size
+  if stage == 3:
+    data.concept_choice = "first"  # the anchors use concept[0]
+  return data
+
+
+def stage_steps(config: ml_collections.ConfigDict, stage: int, pipeline) -> int:
+  settings = config.stage_settings[f"stage{stage}"]
+  if settings.steps:
+    return int(settings.steps)
+  if settings.epochs:
+    examples = sum(pipeline.lengths.values())
+    return max(1, math.ceil(settings.epochs * examples / config.train.global_batch))
+  raise ValueError(f"stage {stage}: set stage_settings.stage{stage}.steps or .epochs")
+
+
+def _host_batch_size(config: ml_collections.ConfigDict) -> int:
+  hosts = jax.process_count()
+  if config.train.global_batch % hosts:
+    raise ValueError(f"global_batch {config.train.global_batch} is not divisible by "
+                     f"{hosts} processes")
+  return config.train.global_batch // hosts
+
+
+def _finite(metrics: dict[str, Any]) -> bool:
+  return bool(np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
+
+
+def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
+                ) -> nnx.Module | None:
+  """Trains one stage to its end (-> the model, eval mode) or until `stop_after_steps` (-> None,
+  after saving a checkpoint)."""
+  settings = config.stage_settings[f"stage{stage}"]
+  data_axes = ("data", "fsdp")
+  data = stage_data_config(config, stage, _host_batch_size(config))
+  pipeline = input_pipeline.train_pipeline(data, model.config)
+  _log(f"stage {stage}: data {pipeline.lengths}; {pipeline.report}")
+  num_steps = stage_steps(config, stage, pipeline)
+  group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
+  schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
+                                          config.optim.timescale, num_steps)
+  tx = optimizer_lib.make_optimizer(
+      group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
+      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+  partition.summary(model, stage, print_fn=_log)
+  objective = ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas)
+  schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
+               for name, lr in group_lrs.items()}
+  trainer = Trainer(model, tx, partition.trainable(stage), mesh,
+                    StepConfig(objective, config.train.accum_steps),
+                    learning_rates=lambda count: {k: s(count) for k, s in schedules.items()},
+                    param_axes=tuple(config.mesh.param_axes),
+                    rules=tuple(config.mesh.logical_rules))
+  iterator = pipeline.iterator()
+  checkpoints = Checkpoints(os.path.join(stage_dir, "checkpoints"),
+                            keep=config.train.keep_checkpoints)
+  step = 0
+  if checkpoints.latest_step() is not None:
+    abstract = abstract_with_shardings(trainer.state, trainer.state_shardings)
+    trainer.state, meta = checkpoints.restore(None, abstract, iterator)
+    step = int(meta["step"])
+    _log(f"stage {stage}: resumed at step {step} from {checkpoints.directory}")
+
+  start, start_step, last = time.time(), step, {}
+  stop_at = step + config.train.stop_after_steps if config.train.stop_after_steps else num_steps
+  while step < min(num_steps, stop_at):
+    host_batch = next(iterator)
+    batch = input_pipeline.make_global_batch(host_batch, mesh, data_axes)
+    metrics = trainer.step(batch)
+    step += 1
+    if not _finite(metrics):
+      ids = np.asarray(host_batch["datapoint_id"]).tolist()
+      raise NonFiniteLossError(
+          f"stage {stage} step {step}: loss {float(metrics['loss'])}, gradient norm "
+          f"{float(metrics['grad_norm'])} (datapoint ids {ids}); the last good checkpoint "
+          f"(step {checkpoints.latest_step()}) in {checkpoints.directory} is kept")
+    if step % config.train.log_every == 0 or step == num_steps:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.time() - start
+      rate = (step - start_step) * config.train.global_batch / max(elapsed, 1e-9)
+      eta = (num_steps - step) * config.train.global_batch / max(rate, 1e-9)
+      log.write("train", stage, step, {**last, "examples_per_s": rate})
+      lrs = " ".join(f"{k[3:]} {v:.2e}" for k, v in last.items() if k.startswith("lr/"))
+      terms = " ".join(f"{k} {v:.3f}" for k, v in last.items()
+                       if k.endswith("/loss") or k.startswith("align/"))
+      _log(f"stage {stage} step {step}/{num_steps} loss {last['loss']:.3f} ({terms}) "
+           f"lr {lrs} | {rate:.1f} ex/s, ETA {eta / 60:.1f} min")
+    if step % config.train.checkpoint_every == 0 and step < num_steps:
+      checkpoints.save(step, trainer.state, iterator, {"stage": stage})
+    if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+      run_evaluation(config, trainer.model(), mesh, stage, step, log, stage_dir)
+      trainer.model().train()
+  if checkpoints.latest_step() != step:
+    checkpoints.save(step, trainer.state, iterator, {"stage": stage, **last})
+  checkpoints.wait()
+  if step < num_steps:
+    _log(f"stage {stage}: stopped at step {step}/{num_steps} (stop_after_steps); checkpoint in "
+         f"{checkpoints.directory}; run again to resume")
+    return None
+  model = trainer.model()
+  model.eval()
+  return model
+
+
+def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
+                   stage_dir: str) -> dict:
+  pipeline = input_pipeline.eval_pipeline(config.data, model.config)
+  batches = pipeline.iterator()
+  limit = config.eval.max_batches or pipeline.num_batches
+  levels = tuple(config.eval.levels)
+  if stage == 0:
+    levels = ("concept",)  # the adapters are untrained before stage 1
+  _log(f"stage {stage}: evaluating {levels} on {pipeline.lengths} ({limit} batches)")
+  results = evaluate(
+      model, (batch for _, batch in zip(range(limit), batches)), levels=levels,
+      combine=config.eval.combine, threshold=config.eval.threshold,
+      datasets=tuple(pipeline.lengths),
+      to_device=lambda b: input_pipeline.make_global_batch(b, mesh, ("data", "fsdp")),
+      image_dir=os.path.join(stage_dir, "predictions"), num_images=config.eval.num_images,
+      log=_log)
+  _log(format_table(results))
+  log.write("eval", stage, step, {f"{group}/{k}": v for group, values in results.items()
+                                  for k, v in values.items()})
+  return results
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """Trains (or, in eval mode, evaluates) as the config says; returns the evaluation results."""
+  workdir = os.path.abspath(config.workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache_dir))
+  mesh = sharding_lib.make_mesh(tuple(config.mesh.shape))
+  _log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
+       f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}; workdir {workdir}")
+  log = MetricsLog(workdir)
+  results_path = os.path.join(workdir, "metrics.json")
+  results: dict[str, Any] = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  try:
+    if config.mode == "eval":
+      model = initial_model(config)
+      results["eval"] = run_evaluation(config, model, mesh, max(config.stages), 0, log,
+                                       os.path.join(workdir, "eval"))
+      return results
+    model, previous = None, None
+    for stage in config.stages:
+      stage_dir = os.path.join(workdir, f"stage{stage}")
+      final = os.path.join(stage_dir, FINAL_DIR)
+      if os.path.isdir(final):
+        _log(f"stage {stage}: complete ({final}); skipped")
+        model, previous = load_pretrained(final, dtype=config.model.dtype), stage
+        continue
+      model = model if model is not None else initial_model(config)
+      enter_stage(model, stage, previous)
+      model = train_stage(config, model, stage, mesh, log, stage_dir)
+      if model is None:
+        return results
+      results[f"stage{stage}"] = run_evaluation(config, model, mesh, stage, 0, log, stage_dir)
+      if jax.process_index() == 0:
+        save_pretrained(model, model.config, final, vocab_path=find_vocab(config.data.vocab_path),
+                        report={"stage": stage})
+        with open(results_path, "w") as f:
+          json.dump(results, f, indent=2)
+      previous = stage
+  finally:
+    log.close()
+  _log(f"done: checkpoints and final models under {workdir}/stage*/, metrics in {results_path}, "
+       f"prediction images in {workdir}/stage*/predictions/")
+  return results

@@ -1,0 +1,282 @@
+"""grain pipelines on real files (the generated demo set): contract, determinism, resumption,
+process sharding, mixing, eval padding, the TFDS/ArrayRecord path and the build CLI."""
+
+import collections
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import input_pipeline
+from input_pipeline import demo_data
+from input_pipeline import hmpl
+from input_pipeline import transforms
+from sam3i_jax import get_preset
+
+MODEL = get_preset("tiny")  # S=224, M=64, L=32
+SUBSETS = demo_data.SUBSETS
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+  return demo_data.ensure_demo_data(tmp_path_factory.mktemp("demo"), num_train_images=24,
+                                    num_val_images=8)
+
+
+def _config(root, **changes):
+  config = input_pipeline.default_config("demo")
+  config.data_root = str(root)
+  config.generate_demo = False  # the fixture's smaller set, not the default one
+  config.batch_size = 4
+  config.eval_batch_size = 4
+  config.max_targets = 8
+  config.read_threads = 0
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
+def _ids(split, root, subsets=SUBSETS):
+  ids = []
+  for subset in subsets:
+    with open(root / subset / f"sam3i_{split}.json") as f:
+      ids += [e["id"] for e in json.load(f)["images"]]
+  return ids
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batches_follow_the_contract(demo_root):
+  pipeline = input_pipeline.train_pipeline(_config(demo_root), MODEL, process_index=0,
+                                           process_count=1)
+  assert pipeline.lengths == {s: len(_ids("train", demo_root, [s])) for s in SUBSETS}
+  batch = next(pipeline.iterator())
+  s, m, t, l = 224, 64, 8, 32
+  expected = {
+      "image": ((4, s, s, 3), np.float32), "tokens_concept": ((4, l), np.int32),
+      "tokens_simple": ((4, l), np.int32), "tokens_complex": ((4, l), np.int32),
+      "boxes": ((4, t, 4), np.float32), "target_valid": ((4, t), np.bool_),
+      "masks": ((4, t, m, m), np.bool_), "concept_id": ((4,), np.int32),
+      "datapoint_id": ((4,), np.int64), "image_id": ((4,), np.int64),
+      "orig_size": ((4, 2), np.int32), "content_size": ((4, 2), np.int32),
+      "example_valid": ((4,), np.bool_)}
+  assert set(batch) == set(transforms.BATCH_KEYS) == set(expected)
+  for key, (shape, dtype) in expected.items():
+    assert batch[key].shape == shape and batch[key].dtype == dtype, key
+  assert batch["example_valid"].all()
+  assert (batch["orig_size"] == 256).all()
+  assert set(batch["datapoint_id"]) <= set(_ids("train", demo_root))
+  # masks and boxes of valid targets lie inside the content, nothing outside
+  for b in range(4):
+    c = batch["content_size"][b, 0] * m / s
+    valid = batch["target_valid"][b]
+    assert not batch["masks"][b][~valid].any()
+    assert not batch["masks"][b][:, int(np.ceil(c)) + 1:].any()
+    assert all(mask.any() for mask in batch["masks"][b][valid])
+    assert (batch["boxes"][b][valid][:, :2] < batch["content_size"][b, 0] / s).all()
+
+
+def test_seeded_determinism_and_exact_resumption(demo_root):
+  config = _config(demo_root)
+  first = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  iterator = first.iterator()
+  _take(iterator, 3)
+  state = iterator.get_state()
+  expected = _take(iterator, 3)
+  again = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  resumed = again.iterator()
+  resumed.set_state(state)
+  for a, b in zip(_take(resumed, 3), expected):
+    _assert_same(a, b)
+  fresh = _take(again.iterator(), 6)[3:]
+  for a, b in zip(fresh, expected):
+    _assert_same(a, b)
+  other = input_pipeline.train_pipeline(_config(demo_root, seed=7), MODEL, process_index=0,
+                                        process_count=1)
+  assert not np.array_equal(next(other.iterator())["datapoint_id"], fresh[0]["datapoint_id"])
+
+
+def test_multiprocess_workers_resume_exactly(demo_root):
+  config = _config(demo_root, worker_count=2, worker_buffer_size=1)
+  pipeline = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  iterator = pipeline.iterator()
+  _take(iterator, 2)
+  state = iterator.get_state()
+  expected = _take(iterator, 2)
+  iterator.close()
+  resumed = pipeline.iterator()
+  resumed.set_state(state)
+  try:
+    for a, b in zip(_take(resumed, 2), expected):
+      _assert_same(a, b)
+  finally:
+    resumed.close()
+
+
+def test_process_shards_are_disjoint_and_cover_an_epoch(demo_root):
+  config = _config(demo_root, num_epochs=1, batch_size=1, max_targets=16)
+  seen = []
+  for index in range(2):
+    pipeline = input_pipeline.train_pipeline(config, MODEL, process_index=index,
+                                             process_count=2)
+    seen.append([int(b["datapoint_id"][0]) for b in pipeline.iterator()])
+  assert not set(seen[0]) & set(seen[1])
+  assert sorted(seen[0] + seen[1]) == sorted(_ids("train", demo_root))
+  assert abs(len(seen[0]) - len(seen[1])) <= 1
+
+
+def test_weighted_mixture_follows_the_weights(demo_root):
+  config = _config(demo_root, batch_size=8, max_targets=16)
+  for entry, weight in zip(config.datasets, (0.7, 0.1, 0.2)):
+    entry.weight = weight
+  pipeline = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  owner = {i: s for s in SUBSETS for i in _ids("train", demo_root, [s])}
+  counts = collections.Counter(owner[int(i)] for b in _take(pipeline.iterator(), 10)
+                               for i in b["datapoint_id"])
+  assert counts[SUBSETS[0]] > 40 and counts[SUBSETS[1]] < 20 and counts[SUBSETS[2]] < 30
+  config.datasets[1].weight = None
+  with pytest.raises(ValueError, match="all None or all > 0"):
+    input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+
+
+def test_eval_covers_each_sample_once_with_padding_and_strings(demo_root):
+  config = _config(demo_root, expand_concepts=True)
+  expected = _ids("val", demo_root)
+  seen = []
+  for index in range(3):
+    pipeline = input_pipeline.eval_pipeline(config, MODEL, process_index=index, process_count=3)
+    batches = list(pipeline.iterator())
+    assert len(batches) == pipeline.num_batches
+    for batch in batches:
+      device, host = input_pipeline.split_host_fields(batch)
+      assert set(device) == set(transforms.BATCH_KEYS)
+      texts = host[transforms.HOST_KEY]
+      valid = batch["example_valid"]
+      assert (batch["datapoint_id"][~valid] == -1).all()
+      assert all(texts["simple"][k] for k in np.flatnonzero(valid))
+      assert not any(texts["simple"][k] for k in np.flatnonzero(~valid))
+      seen += [int(i) for i in batch["datapoint_id"][valid]]
+  assert sorted(seen) == sorted(expected)  # one concept each in the demo set
+  records = {}
+  for subset in SUBSETS:
+    with open(demo_root / subset / "sam3i_val.json") as f:
+      records.update({e["id"]: e for e in json.load(f)["images"]})
+  first = next(input_pipeline.eval_pipeline(config, MODEL, process_index=0,
+                                            process_count=1).iterator())
+  for k, datapoint in enumerate(first["datapoint_id"]):
+    inst = records[int(datapoint)]["text_inst_input"]
+    assert first[transforms.HOST_KEY]["simple"][k] == inst["simple_query"][0]
+    assert first[transforms.HOST_KEY]["complex"][k] == inst["complex_query"][0]
+    assert first[transforms.HOST_KEY]["concept"][k] == inst["concept"][0]
+
+
+@pytest.fixture(scope="module")
+def built(demo_root, tmp_path_factory):
+  """The 1toN subset built by the CLI into ArrayRecord shards (the demo set has the release's
+  manual-dir layout: <dir>/<dataset>/sam3i_<split>.json and <dir>/images)."""
+  from input_pipeline import build
+  out = tmp_path_factory.mktemp("tfds")
+  assert build.main(["--dataset", SUBSETS[1], "--manual-dir", str(demo_root),
+                     "--out", str(out)]) == 0
+  return out
+
+
+def test_tfds_shards_give_the_same_examples_as_json(demo_root, built):
+  config = _config(demo_root, tfds_data_dir=str(built))
+  config.datasets = [input_pipeline.dataset_entry(SUBSETS[1], "demo", kind="json")]
+  from_json = list(input_pipeline.eval_pipeline(config, MODEL, process_index=0,
+                                                process_count=1).iterator())
+  config.datasets = [input_pipeline.dataset_entry(SUBSETS[1], "demo", kind="tfds")]
+  from_tfds_pipeline = input_pipeline.eval_pipeline(config, MODEL, process_index=0,
+                                                    process_count=1)
+  from_tfds = list(from_tfds_pipeline.iterator())
+
+  def by_id(batches):
+    rows = {}
+    for batch in batches:
+      for k, datapoint in enumerate(batch["datapoint_id"]):
+        if batch["example_valid"][k]:
+          rows[int(datapoint)] = {key: batch[key][k] for key in transforms.BATCH_KEYS}
+    return rows
+
+  json_rows, tfds_rows = by_id(from_json), by_id(from_tfds)
+  assert sorted(json_rows) == sorted(_ids("val", demo_root, [SUBSETS[1]]))
+  assert json_rows.keys() == tfds_rows.keys()
+  for datapoint in json_rows:
+    _assert_same(json_rows[datapoint], tfds_rows[datapoint])
+  train = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  assert train.lengths == {SUBSETS[1]: len(_ids("train", demo_root, [SUBSETS[1]]))}
+  assert next(train.iterator())["image"].shape == (4, 224, 224, 3)
+
+
+def test_builder_writes_nothing_on_error_and_reports_skips(demo_root, tmp_path, capsys):
+  from input_pipeline import build
+  with open(demo_root / SUBSETS[0] / "sam3i_val.json") as f:
+    data = json.load(f)
+  data["annotations"][0]["segmentation"] = {"size": [256, 256], "counts": [5, 5]}
+  bad_id = data["annotations"][0]["image_id"]
+  data["images"][1]["file_name"] = "val/missing.jpg"
+  (tmp_path / "bad.json").write_text(json.dumps(data))
+  args = ["--dataset", "bad_set", "--json", f"val={tmp_path / 'bad.json'}",
+          "--images", str(demo_root / "images"), "--out", str(tmp_path / "out")]
+  assert build.main(args) == 1
+  assert "malformed segmentation" in capsys.readouterr().err
+  assert not list((tmp_path / "out").rglob("*.array_record*"))
+  assert not list((tmp_path / "out").rglob("1.0.0"))  # no dataset version directory at all
+  assert build.main(args + ["--bad-input", "skip"]) == 0
+  out = capsys.readouterr().out
+  assert f"val: {len(data['images']) - 2} examples" in out
+  assert "malformed_annotation=1" in out and "missing_image=1" in out
+  from input_pipeline import sources
+  source = sources.TfdsSource("bad_set", "val", str(tmp_path / "out"))
+  assert source.report.problems == {"malformed_annotation": 1, "missing_image": 1}
+  assert bad_id not in {source[i].datapoint_id for i in range(len(source))}
+
+
+def test_importing_the_package_imports_no_tensorflow():
+  code = ("import sys, input_pipeline; "
+          "bad = [m for m in ('tensorflow', 'tensorflow_datasets', 'torch') if m in sys.modules]; "
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_input_policy_is_applied_by_the_pipeline(demo_root, tmp_path):
+  root = tmp_path / "set"
+  subset = root / SUBSETS[0]
+  subset.mkdir(parents=True)
+  with open(demo_root / SUBSETS[0] / "sam3i_val.json") as f:
+    data = json.load(f)
+  data["images"][0]["text_inst_input"]["simple_query"] = []
+  (subset / "sam3i_val.json").write_text(json.dumps(data))
+  config = _config(root)
+  config.image_roots = {"demo": str(demo_root / "images")}
+  config.datasets = [input_pipeline.dataset_entry(SUBSETS[0], "demo", kind="json")]
+  with pytest.raises(hmpl.BadInputError, match=r"sam3i_val.json: images\[0\]"):
+    input_pipeline.eval_pipeline(config, MODEL, process_index=0, process_count=1)
+  config.bad_input = "skip"
+  pipeline = input_pipeline.eval_pipeline(config, MODEL, process_index=0, process_count=1)
+  assert pipeline.report.problems == {"empty_instructions": 1}
+  assert pipeline.lengths[SUBSETS[0]] == len(data["images"]) - 1
+
+
+def test_datapoints_with_too_many_targets_are_dropped(demo_root):
+  config = _config(demo_root, num_epochs=1, max_targets=1, batch_size=1)
+  pipeline = input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1)
+  seen = [int(b["datapoint_id"][0]) for b in pipeline.iterator()]
+  small = []
+  for subset in SUBSETS:
+    with open(demo_root / subset / "sam3i_train.json") as f:
+      data = json.load(f)
+    counts = collections.Counter(a["image_id"] for a in data["annotations"])
+    small += [e["id"] for e in data["images"] if counts[e["id"]] <= 1]
+  assert sorted(seen) == sorted(small) and len(small) < len(_ids("train", demo_root))

@@ -1,0 +1,92 @@
+"""Run by test_train_sharded.py in a subprocess with 8 simulated CPU devices.
+
+Two training steps of the tiny SAM3-I model (stage 1, dropout and DAC on) on one device and on the
+(data, fsdp, tensor) meshes (8,1,1), (2,4,1) and (2,2,2); prints one JSON line: per mesh the
+largest relative differences of the losses, gradient norms and updated trainable parameters
+against the single-device run, and how many parameters were sharded. Plain SGD: Adam's first
+steps are sign(g) * lr, which turns fp32 reduction-order noise in near-zero gradients into
+differences of order lr (the optimizer itself is tested against torch in test_optimizer.py).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sam3i_jax import partition  # noqa: E402
+from sam3i_jax.losses.objective import ObjectiveConfig  # noqa: E402
+from sam3i_jax.models.config import get_preset  # noqa: E402
+from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs  # noqa: E402
+from sam3i_jax.train import sharding  # noqa: E402
+from sam3i_jax.train.step import StepConfig, Trainer  # noqa: E402
+from sam3i_jax.tree_paths import dotted  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
+STAGE = 1
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+
+
+def make_batch(config, seed: int, batch: int = 8, targets: int = 3) -> dict:
+  rng = np.random.default_rng(seed)
+  s, m, length = config.img_size, config.mask_size, config.context_length
+  masks = np.zeros((batch, targets, m, m), bool)
+  masks[:, 0, m // 4:m // 2, m // 4:m // 2] = True
+  masks[:, 1, m // 2:, m // 3:] = True
+  return {
+      "image": rng.uniform(-1, 1, (batch, s, s, 3)).astype(np.float32),
+      **{f"tokens_{level}": rng.integers(1, 4000, (batch, length)).astype(np.int32)
+         for level in ("concept", "simple", "complex")},
+      "boxes": np.tile(np.float32([[0.375, 0.375, 0.25, 0.25], [0.7, 0.75, 0.6, 0.5],
+                                   [0.5, 0.5, 0.2, 0.2]]), (batch, 1, 1)),
+      "target_valid": np.tile([True, True, False], (batch, 1)) & (np.arange(batch) % 4 != 3)[:, None],
+      "masks": masks,
+      "concept_id": (np.arange(batch) % 3).astype(np.int32),
+      "example_valid": np.ones(batch, bool),
+  }
+
+
+def train(mesh, config, batches):
+  model = Sam3Image(config, rngs=host_counted_rngs(0))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))
+  trainer = Trainer(model, tx, partition.trainable(STAGE), mesh,
+                    StepConfig(ObjectiveConfig(stage=STAGE, num_replicas=2)),
+                    compiler_options=FAST_COMPILE)
+  initial = jax.device_get(nnx.state(trainer.model(), partition.trainable(STAGE)))
+  metrics = [trainer.step(batch) for batch in batches]
+  losses = [float(m[key]) for m in metrics for key in ("loss", "grad_norm")]
+  params = nnx.state(trainer.model(), partition.trainable(STAGE))
+  flat = {dotted(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  sharded = sorted(dotted(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+                   if not x.sharding.is_fully_replicated)
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(initial), jax.tree.leaves(params)))
+  return losses, flat, sharded, moved
+
+
+def main():
+  config = get_preset("tiny", adapters=True)
+  batches = [make_batch(config, seed) for seed in (0, 1)]
+  single = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  base_losses, base_params, _, moved = train(single, config, batches)
+  report = {"devices": jax.device_count(), "losses": base_losses, "update_max_abs": moved}
+  for shape in MESHES:
+    losses, params, sharded, _ = train(sharding.make_mesh(shape), config, batches)
+    loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, base_losses))
+    param_diff = max(float(np.linalg.norm(params[k] - v) / max(np.linalg.norm(v), 1e-12))
+                     for k, v in base_params.items())
+    moved = max(float(np.abs(params[k] - v).max()) for k, v in base_params.items())
+    report[str(shape)] = {"loss_rel": loss_diff, "param_rel_l2": param_diff,
+                          "param_max_abs": moved, "sharded_params": len(sharded)}
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
