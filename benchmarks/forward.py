@@ -13,26 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+ROOT = common.ROOT
 TEXT = "a red car"
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
-
-
-def _peak_gb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def worker_torch(preset: str, repeats: int) -> dict:
@@ -53,7 +42,7 @@ def worker_torch(preset: str, repeats: int) -> dict:
     sam3_cpu.run_text(model, image, TEXT)
     times.append(time.time() - t)
   return {"framework": f"pytorch {torch.__version__}", "build_s": build, "forward_s": times,
-          "threads": torch.get_num_threads(), "peak_rss_gb": _peak_gb()}
+          "threads": torch.get_num_threads(), "peak_rss_gb": common.peak_rss_gb()}
 
 
 def worker_flax(preset: str, repeats: int, dtype: str) -> dict:
@@ -84,18 +73,14 @@ def worker_flax(preset: str, repeats: int, dtype: str) -> dict:
     times.append(time.time() - t)
   device = jax.devices()[0]
   return {"framework": f"jax {jax.__version__} ({device.platform}: {device.device_kind})", "build_s": build,
-          "compile_s": compile_s, "forward_s": times, "dtype": dtype, "peak_rss_gb": _peak_gb()}
+          "compile_s": compile_s, "forward_s": times, "dtype": dtype,
+          "peak_rss_gb": common.peak_rss_gb()}
 
 
 def _run_worker(kind: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--preset", args.preset,
-         "--repeats", str(args.repeats), "--dtype", args.dtype]
   print(f"running the {kind} side ...", flush=True)
-  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-  proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-  if proc.returncode:
-    raise RuntimeError(f"{kind} worker failed:\n{proc.stdout}\n{proc.stderr}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return common.run_worker(__file__, ["--worker", kind, "--preset", args.preset,
+                                      "--repeats", str(args.repeats), "--dtype", args.dtype])
 
 
 def main() -> None:
@@ -118,8 +103,7 @@ def main() -> None:
   flax_result = _run_worker("flax", args)
   result = {
       "preset": args.preset, "batch": 1, "prompt": "text", "dtype": args.dtype,
-      "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                  "python": platform.python_version()},
+      "machine": common.machine(),
       "flax": flax_result,
   }
   best_flax = min(flax_result["forward_s"])
@@ -133,10 +117,7 @@ def main() -> None:
     result.update(pytorch=torch_result, flax_over_pytorch=best_flax / best_torch)
     print(f"{'pytorch':10s} {best_torch:11.3f} {'-':>10s} {torch_result['peak_rss_gb']:12.2f}")
     print(f"ratio flax / pytorch: {result['flax_over_pytorch']:.2f}")
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {args.output}")
+  common.write_json(result, args.output)
 
 
 if __name__ == "__main__":

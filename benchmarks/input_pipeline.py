@@ -21,9 +21,7 @@ the median is reported. Target: >= 25 samples/s per worker.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,16 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import input_pipeline  # noqa: E402
+from benchmarks import common  # noqa: E402
 from input_pipeline import demo_data  # noqa: E402
 from sam3i_jax import get_preset  # noqa: E402
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def _rate(pipeline: input_pipeline.Pipeline, batches: int, batch_size: int, repeats: int,
@@ -104,19 +95,15 @@ def main(argv: list[str] | None = None) -> None:
       "max_targets": args.max_targets, "batch_size": args.batch_size,
       "batches_timed": args.batches, "repeats": args.repeats,
       "dataset": "demo set (256 px JPEG, 0-6 targets per datapoint)",
-      "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
-                  "python": platform.python_version(), "load_average_1min_at_start": load,
-                  "load_average_1min_at_end": os.getloadavg()[0]},
+      "machine": common.machine(load_average_1min_at_start=load,
+                                load_average_1min_at_end=os.getloadavg()[0]),
       "runs": runs, "target_per_worker_samples_per_s": 25,
   }
   for run, result in runs.items():
     print(f"{run:>16}: median {result['median_samples_per_s']:6.1f} samples/s "
           f"({result['median_per_worker_samples_per_s']:.1f} per worker or thread); runs "
           + ", ".join(f"{r:.1f}" for r in result["samples_per_s"]))
-  os.makedirs(os.path.dirname(args.output), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(record, f, indent=2)
-  print(f"wrote {args.output}")
+  common.write_json(record, args.output)
 
 
 if __name__ == "__main__":

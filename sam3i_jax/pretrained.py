@@ -64,17 +64,18 @@ def read_config(directory: str, **overrides) -> Sam3Config:
   return config
 
 
-def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None):
+def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None, **overrides):
   """Loads a converted SAM 3 / SAM3-I directory into a ready `Sam3Image` (eval mode).
 
   dtype: compute dtype override ("float32"/"bfloat16"); parameters stay float32.
+  overrides: other Sam3Config fields that do not change the parameters (e.g. remat="full").
   sharding: optional pytree-prefix sharding for the restored parameters (default: device 0).
   """
   import orbax.checkpoint as ocp
 
   from sam3i_jax.models.sam3 import abstract_model
 
-  config = read_config(directory, **({"dtype": dtype} if dtype else {}))
+  config = read_config(directory, **overrides, **({"dtype": dtype} if dtype else {}))
   abstract = abstract_model(config)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = nnx.to_pure_dict(params)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import input_pipeline
 from configs import hmpl
 from sam3i_jax import partition
 from sam3i_jax.pretrained import load_pretrained
 from sam3i_jax.train import loop
+from sam3i_jax.train.checkpoints import Checkpoints
 
 
 def smoke_config(workdir, cache_dir, **train):
@@ -83,3 +85,30 @@ def test_sharded_step_equals_single_device_step():
     assert report[shape]["param_max_abs"] < 1e-6, (shape, report[shape])
   # FSDP and tensor sharding actually split parameters.
   assert report["(2, 4, 1)"]["sharded_params"] > 0 and report["(2, 2, 2)"]["sharded_params"] > 0
+
+
+@pytest.mark.xdist_group("train_loop")
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """A NaN image in the third batch: the run stops naming the step and the datapoints, and the
+  checkpoint of step 2 stays the latest."""
+  real = input_pipeline.make_global_batch
+  calls = []
+
+  def poisoned(host_batch, mesh, axes):
+    calls.append(np.asarray(host_batch["datapoint_id"]).tolist())
+    if len(calls) == 3:
+      host_batch = dict(host_batch, image=np.full_like(host_batch["image"], np.nan))
+    return real(host_batch, mesh, axes)
+
+  monkeypatch.setattr(input_pipeline, "make_global_batch", poisoned)
+  workdir = tmp_path / "nan"
+  config = smoke_config(workdir, tmp_path / "jax_cache")
+  config.unlock()
+  config.train.checkpoint_every = 1
+  config.lock()
+  with pytest.raises(loop.NonFiniteLossError, match=r"stage 1 step 3: loss nan") as error:
+    loop.run(config)
+  assert str(calls[2]) in str(error.value)
+  checkpoints = Checkpoints(workdir / "stage1" / "checkpoints")
+  assert checkpoints.latest_step() == 2 and checkpoints.all_steps() == [1, 2]
+  assert not (workdir / "stage1" / loop.FINAL_DIR).exists()

@@ -21,6 +21,23 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+# Rematerialisation policies of the ViT / text-encoder blocks (Sam3Config.remat): what the backward
+# pass may keep from the forward; "none" keeps everything (no remat).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_block(block: nnx.Module, remat: str, *args, **static):
+  """block(*args, **static), rematerialised in the backward pass under the named policy;
+  `static` holds the non-array arguments."""
+  if remat == "none":
+    return block(*args, **static)
+  return nnx.remat(lambda b, *a: b(*a, **static), policy=REMAT_POLICIES[remat])(block, *args)
+
+
 def dropout_layer(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()) -> nnx.Dropout:
   """An nnx.Dropout that starts inactive: models are in eval mode until `.train()` (nnx's own
   default is active), so a freshly built or converted model runs deterministically."""

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sam3i_jax.models.adapters import TextAdapter, adapter_path
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm
+from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm, run_block
 from sam3i_jax.models.levels import Level, parse_level
 
 
@@ -66,10 +66,11 @@ class Transformer(nnx.Module):
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     self.resblocks = nnx.List([ResidualAttentionBlock(config, rngs=rngs)
                                for _ in range(config.text_layers)])
+    self.remat = config.remat
 
   def __call__(self, x: jax.Array, bias: jax.Array, level: Level = Level.CONCEPT) -> jax.Array:
     for block in self.resblocks:
-      x = block(x, bias, level)
+      x = run_block(block, self.remat, x, bias, level=level)
     return x
 
 

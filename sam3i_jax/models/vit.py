@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import conv, dense, dot_product_attention, dropout_layer, gelu, layer_norm
+from sam3i_jax.models.layers import (conv, dense, dot_product_attention, dropout_layer, gelu,
+                                     layer_norm, run_block)
 
 ROPE_THETA = 10000.0
 
@@ -168,6 +169,7 @@ class ViT(nnx.Module):
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     d, dtype = config.vit_dim, config.compute_dtype
     self.dtype = dtype
+    self.remat = config.remat
     self.patch_embed = PatchEmbed(config, rngs=rngs)
     p = config.pretrain_grid_size
     # Row 0 is the pretraining cls slot: unused, kept so the checkpoint tensor loads as is.
@@ -191,5 +193,5 @@ class ViT(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = self.embed(images)
     for block in self.blocks:
-      x = block(x)
+      x = run_block(block, self.remat, x)
     return x

@@ -81,16 +81,23 @@ class MetricsLog:
 
 def model_config(config: ml_collections.ConfigDict):
   """The SAM3-I model config: the init checkpoint's sizes, or the preset's."""
-  overrides = {"dtype": config.model.dtype, "adapters": True}
+  overrides = {"dtype": config.model.dtype, "remat": config.model.remat}
   if config.init.checkpoint:
-    return read_config(config.init.checkpoint, **overrides)
-  return get_preset(config.model.preset, **overrides)
+    loaded = read_config(config.init.checkpoint, **overrides)
+    if not loaded.adapters:
+      raise ValueError(f"{config.init.checkpoint} holds SAM 3 without the SAM3-I adapters; "
+                       "convert sam3.pt with `python -m convert sam3 --adapters ...` (identity "
+                       "adapters) to start the SAM3-I stages from it")
+    return loaded
+  return get_preset(config.model.preset, adapters=True, **overrides)
 
 
 def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
   if config.init.checkpoint:
     _log(f"init: {config.init.checkpoint}")
-    return load_pretrained(config.init.checkpoint, dtype=config.model.dtype)
+    model_config(config)  # checks the directory holds the adapters
+    return load_pretrained(config.init.checkpoint, dtype=config.model.dtype,
+                           remat=config.model.remat)
   _log(f"init: random ({config.model.preset} preset, seed {config.seed})")
   return Sam3Image(model_config(config), rngs=host_counted_rngs(config.seed))
 
@@ -137,7 +144,7 @@ def _host_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 def _finite(metrics: dict[str, Any]) -> bool:
-  return bool(np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"])))
+  return all(np.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
 
 
 def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
@@ -152,7 +159,7 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
   num_steps = stage_steps(config, stage, pipeline)
   group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
   schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
-                                          config.optim.timescale, num_steps)
+                                          settings.timescale, num_steps)
   tx = optimizer_lib.make_optimizer(
       group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
       weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
@@ -186,8 +193,9 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
       ids = np.asarray(host_batch["datapoint_id"]).tolist()
       raise NonFiniteLossError(
           f"stage {stage} step {step}: loss {float(metrics['loss'])}, gradient norm "
-          f"{float(metrics['grad_norm'])} (datapoint ids {ids}); the last good checkpoint "
-          f"(step {checkpoints.latest_step()}) in {checkpoints.directory} is kept")
+          f"{float(metrics['grad_norm'])}, parameter norm {float(metrics['param_norm'])} "
+          f"(datapoint ids {ids}); the last good checkpoint (step "
+          f"{checkpoints.latest_step()}) in {checkpoints.directory} is kept")
     if step % config.train.log_every == 0 or step == num_steps:
       last = {k: float(v) for k, v in jax.device_get(metrics).items()}
       elapsed = time.time() - start
@@ -265,7 +273,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
       final = os.path.join(stage_dir, FINAL_DIR)
       if os.path.isdir(final):
         _log(f"stage {stage}: complete ({final}); skipped")
-        model, previous = load_pretrained(final, dtype=config.model.dtype), stage
+        model = load_pretrained(final, dtype=config.model.dtype, remat=config.model.remat)
+        previous = stage
         continue
       model = model if model is not None else initial_model(config)
       enter_stage(model, stage, previous)

@@ -127,6 +127,8 @@ def make_step_fn(graphdef, wrt, config: StepConfig,
       metrics.update({f"lr/{name}": lr for name, lr in
                       learning_rates(optimizer.step[...]).items()})
     optimizer.update(model, grads)
+    # Checked with the loss before a step is saved: a non-finite update must not be checkpointed.
+    metrics["param_norm"] = optax.global_norm(nnx.state(model, wrt))
     return nnx.state((model, optimizer)), metrics
 
   return step

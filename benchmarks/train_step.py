@@ -1,0 +1,370 @@
+"""Training-step cost: CPU throughput of small models, and the full-size step's memory per device.
+
+  python benchmarks/train_step.py [--throughput demo:0,1,3 mid:1,3] [--steps 5] [--warmup 2]
+                                  [--meshes 1,8,1 2,4,1] [--global-batches 8 16]
+                                  [--memory-preset full] [--memory-stage 3]
+                                  [--output benchmarks/results/train_step.json]
+
+Throughput, on one CPU device (the host's cores), each run in its own process: the step of
+`sam3i_jax.train.step.Trainer` as `main.py` builds it (the stage's trainable parameters, the
+released AdamW groups with clipping, the demo config's LRs and per-replica loss normalisation) on
+real demo batches from the input pipeline (generated demo set, random square resize, T target
+slots). The batches are read and placed before timing. Reported: trace + lower time, compile
+time, the first step, and the median of the timed steps after `--warmup` steps (steps/s,
+examples/s). Models:
+  demo  the demo config: tiny preset with adapters, float32, global batch 8, T = 8;
+  mid   MID_SIZES below: the full model's fusion encoder, decoder, heads and adapters, a ViT and
+        text encoder at half width and fewer layers, 448 px; same training settings as the demo.
+
+Memory, on a simulated 8-device CPU mesh (XLA_FLAGS=--xla_force_host_platform_device_count=8, in
+a subprocess): the released recipe's step (configs/hmpl.py, bf16 compute, remat "full", T = 200,
+the stage's losses) for each (data, fsdp, tensor) mesh and global batch, lowered and compiled on
+abstract state and batch (ShapeDtypeStructs with their shardings; the model comes from
+`abstract_model` and the optimizer from `nnx.eval_shape`, so nothing is materialised), with the
+state donated as in training. Reported per device: XLA's `memory_analysis()` (argument, output,
+alias, temp; total = argument + output - alias + temp), the parameter and optimizer-state bytes
+that the shardings imply, and the compile time. XLA's CPU backend decides fusion and buffer
+layout, so the figures indicate, not equal, what a TPU or GPU compile of the same step needs.
+
+Prints two tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+# The mid-size model: `get_preset("full", adapters=True, **MID_SIZES)`. 448 px gives a 32 x 32
+# token grid (2 x 2 windows of 16, masks 128 x 128).
+MID_SIZES = dict(img_size=448, pretrain_img_size=224, vit_dim=512, vit_depth=8, vit_heads=8,
+                 window_size=16, global_att_blocks=(3, 7), text_width=512, text_heads=8,
+                 text_layers=12)
+MESH_DEVICES = 8
+WORKER_TIMEOUT_S = 15 * 60
+SCHEDULE_STEPS = 1000  # the LR schedule's length where the config derives it from epochs
+
+
+def _model_config(name: str, train_config):
+  from sam3i_jax.models.config import get_preset
+  from sam3i_jax.train import loop
+  config = loop.model_config(train_config)
+  if name == "mid":
+    return get_preset("full", adapters=True, dtype=config.dtype, remat=config.remat, **MID_SIZES)
+  if name != "demo":
+    raise ValueError(f"unknown model {name!r}; demo or mid")
+  return config
+
+
+def _step_parts(train_config, model, stage: int) -> tuple[Any, Any, Any, Callable]:
+  """(tx, wrt, StepConfig, learning_rates) of a stage, as sam3i_jax.train.loop builds them."""
+  from sam3i_jax import partition
+  from sam3i_jax.losses.objective import ObjectiveConfig
+  from sam3i_jax.train import optimizer as optimizer_lib
+  from sam3i_jax.train.step import StepConfig
+  settings = train_config.stage_settings[f"stage{stage}"]
+  group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
+  schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
+                                          settings.timescale, settings.steps or SCHEDULE_STEPS)
+  tx = optimizer_lib.make_optimizer(
+      group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
+      weight_decay=train_config.optim.weight_decay, clip_norm=train_config.optim.clip_norm)
+  schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
+               for name, lr in group_lrs.items()}
+  objective = ObjectiveConfig(stage=stage, num_replicas=train_config.train.loss_replicas)
+  return (tx, partition.trainable(stage), StepConfig(objective, train_config.train.accum_steps),
+          lambda count: {name: s(count) for name, s in schedules.items()})
+
+
+def _memory_stats(compiled) -> dict[str, int]:
+  """XLA's buffer sizes of one device's program, and their total."""
+  analysis = compiled.memory_analysis()
+  stats = {name.removesuffix("_size_in_bytes").removesuffix("_in_bytes"): int(getattr(analysis, name))
+           for name in dir(analysis) if name.endswith("_in_bytes")}
+  stats["total"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
+  return stats
+
+
+def _parameter_counts(model, stage: int) -> dict[str, int]:
+  from sam3i_jax import partition
+  counts = partition.counts(model, stage)
+  return {"total": counts["total"], "trainable": counts["total"] - counts[partition.FROZEN]}
+
+
+def worker_throughput(model_name: str, stage: int, steps: int, warmup: int) -> dict:
+  import jax
+  import numpy as np
+
+  import input_pipeline
+  from configs import hmpl
+  from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
+  from sam3i_jax.train import loop, sharding
+  from sam3i_jax.train.step import Trainer
+
+  train_config = hmpl.get_config("demo")
+  model_config = _model_config(model_name, train_config)
+  model = Sam3Image(model_config, rngs=host_counted_rngs(train_config.seed))
+  parameters = _parameter_counts(model, stage)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tx, wrt, step_config, learning_rates = _step_parts(train_config, model, stage)
+  trainer = Trainer(model, tx, wrt, mesh, step_config, learning_rates=learning_rates)
+
+  data = loop.stage_data_config(train_config, stage, train_config.train.global_batch)
+  iterator = input_pipeline.train_pipeline(data, model_config, process_index=0,
+                                           process_count=1).iterator()
+  batches = [input_pipeline.make_global_batch(next(iterator), mesh, ("data", "fsdp"))
+             for _ in range(warmup + steps)]
+
+  start = time.perf_counter()
+  lowered = trainer.lower(batches[0])
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  times, losses = [], []
+  for batch in batches:
+    start = time.perf_counter()
+    trainer.state, metrics = compiled(trainer.state, batch)
+    jax.block_until_ready((trainer.state, metrics))
+    times.append(time.perf_counter() - start)
+    losses.append(float(metrics["loss"]))
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(f"non-finite loss in {losses}")
+  step_s = statistics.median(times[warmup:])
+  batch_size, targets = batches[0]["target_valid"].shape
+  return {
+      "model": model_name, "stage": stage, "img_size": model_config.img_size,
+      "dtype": model_config.dtype, "remat": model_config.remat, "parameters": parameters,
+      "global_batch": batch_size, "max_targets": targets, "data": "demo set via input_pipeline",
+      "lower_s": lower_s, "compile_s": compile_s, "first_step_s": times[0],
+      "step_s": times[warmup:], "median_step_s": step_s, "steps_per_s": 1 / step_s,
+      "examples_per_s": batch_size / step_s, "losses": losses,
+      "memory": _memory_stats(compiled), "device": str(jax.devices()[0].device_kind),
+      "peak_rss_gb": common.peak_rss_gb(),
+  }
+
+
+def _abstract_batch(model_config, global_batch: int, max_targets: int, mesh) -> dict:
+  """ShapeDtypeStructs of a global batch of the batch contract, split over the batch axes."""
+  import jax
+  import numpy as np
+
+  from input_pipeline import transforms
+  from sam3i_jax.train import sharding
+  spec = transforms.ExampleSpec.from_model_config(model_config, max_targets)
+  batch = {}
+  for key, value in transforms.padding_example(spec).items():
+    value = np.asarray(value)
+    dtype = np.int32 if value.dtype == np.int64 else value.dtype  # as make_global_batch (no x64)
+    batch[key] = jax.ShapeDtypeStruct((global_batch, *value.shape), dtype,
+                                      sharding=sharding.batch_sharding(mesh, value.ndim + 1))
+  return batch
+
+
+def _bytes_per_device(tree, shardings) -> int:
+  """Bytes of device 0's shards of `tree` (every split here is even, so each device holds the
+  same)."""
+  import jax
+  import numpy as np
+  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_batch: int,
+                  max_targets: int | None) -> dict:
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from configs import hmpl
+  from sam3i_jax.models.config import get_preset
+  from sam3i_jax.models.sam3 import abstract_model
+  from sam3i_jax.train import sharding
+  from sam3i_jax.train.checkpoints import abstract_with_shardings
+  from sam3i_jax.train.step import batch_shardings, make_step_fn, state_shardings
+
+  train_config = hmpl.get_config(f"stage={stage}")
+  # The released loss normalises per replica of (global batch / loss_replicas) examples; keep
+  # that replica size at this global batch.
+  per_replica = train_config.train.global_batch // train_config.train.loss_replicas
+  train_config.train.loss_replicas = max(1, global_batch // per_replica)
+  train_config.train.global_batch = global_batch
+  max_targets = max_targets or train_config.data.max_targets
+  model_config = get_preset(preset, adapters=True, dtype=train_config.model.dtype,
+                            remat=train_config.model.remat)
+  start = time.perf_counter()
+  model = abstract_model(model_config)
+  model.train()
+  tx, wrt, step_config, learning_rates = _step_parts(train_config, model, stage)
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
+  graphdef, state = nnx.split((model, optimizer))
+  build_s = time.perf_counter() - start
+
+  mesh = sharding.make_mesh(mesh_shape)
+  shardings = state_shardings(state, mesh)
+  abstract_state = abstract_with_shardings(state, shardings)
+  batch = _abstract_batch(model_config, global_batch, max_targets, mesh)
+  step = jax.jit(make_step_fn(graphdef, wrt, step_config, learning_rates),
+                 in_shardings=(shardings, batch_shardings(batch, mesh)),
+                 out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                 donate_argnums=0)
+  start = time.perf_counter()
+  lowered = step.lower(abstract_state, batch)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+
+  model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
+  model_shardings, optimizer_shardings = state_shardings(model_state, mesh), state_shardings(
+      optimizer_state, mesh)
+  params = nnx.state(model, nnx.Param)
+  return {
+      "preset": preset, "stage": stage, "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
+      "devices": mesh.size, "global_batch": global_batch,
+      "examples_per_device": global_batch / mesh.size, "max_targets": max_targets,
+      "img_size": model_config.img_size, "dtype": model_config.dtype, "remat": model_config.remat,
+      "parameters": _parameter_counts(model, stage),
+      "bytes_per_device": {
+          "parameters": _bytes_per_device(params, state_shardings(params, mesh)),
+          "model_state": _bytes_per_device(model_state, model_shardings),
+          "optimizer_state": _bytes_per_device(optimizer_state, optimizer_shardings),
+          "batch": _bytes_per_device(batch, batch_shardings(batch, mesh)),
+      },
+      "memory_per_device": _memory_stats(compiled),
+      "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
+      "peak_rss_gb": common.peak_rss_gb(),
+  }
+
+
+def _gb(n: float) -> str:
+  return f"{n / 1e9:.2f}"
+
+
+def _print_throughput(runs: list[dict]) -> None:
+  print("\nThroughput, 1 CPU device (median step after warm-up)")
+  print(f"{'model':6s} {'stage':>5s} {'params M':>9s} {'train M':>8s} {'batch':>5s} {'T':>3s} "
+        f"{'lower s':>8s} {'compile s':>9s} {'step s':>7s} {'steps/s':>8s} {'ex/s':>6s} "
+        f"{'RSS GB':>7s}")
+  for r in runs:
+    if "error" in r:
+      print(f"{r['model']:6s} {r['stage']:5d}  failed: {r['error'].splitlines()[0]}")
+      continue
+    p = r["parameters"]
+    print(f"{r['model']:6s} {r['stage']:5d} {p['total'] / 1e6:9.2f} {p['trainable'] / 1e6:8.2f} "
+          f"{r['global_batch']:5d} {r['max_targets']:3d} {r['lower_s']:8.1f} {r['compile_s']:9.1f} "
+          f"{r['median_step_s']:7.2f} {r['steps_per_s']:8.3f} {r['examples_per_s']:6.2f} "
+          f"{r['peak_rss_gb']:7.2f}")
+
+
+def _print_memory(runs: list[dict]) -> None:
+  print(f"\nStage-step memory per device (GB), simulated {MESH_DEVICES}-device CPU mesh")
+  print(f"{'mesh (d,f,t)':12s} {'batch':>5s} {'params':>7s} {'opt':>6s} {'argument':>8s} "
+        f"{'output':>7s} {'alias':>6s} {'temp':>6s} {'total':>6s} {'compile s':>9s} "
+        f"{'RSS GB':>7s}")
+  for r in runs:
+    mesh = ",".join(str(n) for n in r["mesh"].values())
+    if "error" in r:
+      print(f"{mesh:12s} {r['global_batch']:5d}  failed: {r['error'].splitlines()[0]}")
+      continue
+    m, b = r["memory_per_device"], r["bytes_per_device"]
+    print(f"{mesh:12s} {r['global_batch']:5d} {_gb(b['parameters']):>7s} "
+          f"{_gb(b['optimizer_state']):>6s} {_gb(m['argument']):>8s} {_gb(m['output']):>7s} "
+          f"{_gb(m['alias']):>6s} {_gb(m['temp']):>6s} {_gb(m['total']):>6s} "
+          f"{r['compile_s']:9.1f} {r['peak_rss_gb']:7.2f}")
+
+
+def _run(args: list[str], description: dict, env: dict[str, str] | None = None) -> dict:
+  """One worker's record, or `description` with the error if it failed or ran out of time."""
+  print(f"running {description} ...", flush=True)
+  start = time.time()
+  try:
+    result = common.run_worker(__file__, args, env=env, timeout=WORKER_TIMEOUT_S)
+  except Exception as error:  # noqa: BLE001  (a failed configuration is a result to report)
+    result = {**description, "error": f"{type(error).__name__}: {error}"[-4000:]}
+  result["wall_s"] = time.time() - start
+  return result
+
+
+def _parse_throughput(items: list[str]) -> list[tuple[str, int]]:
+  """["demo:0,1,3", "mid:1,3"] -> [("demo", 0), ("demo", 1), ...]."""
+  return [(model, int(stage)) for item in items
+          for model, _, stages in [item.partition(":")] for stage in stages.split(",")]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--throughput", nargs="*", default=["demo:0,1,3", "mid:1,3"],
+                      help="model:stage,stage,... runs on one CPU device (none: skip)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput run")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--meshes", nargs="*", default=["1,8,1", "2,4,1"],
+                      help=f"(data,fsdp,tensor) meshes of {MESH_DEVICES} devices (none: skip)")
+  parser.add_argument("--global-batches", nargs="*", type=int, default=[8, 16])
+  parser.add_argument("--memory-preset", default="full")
+  parser.add_argument("--memory-stage", type=int, default=3)
+  parser.add_argument("--memory-targets", type=int, default=0,
+                      help="target slots T (0: the released config's 200)")
+  parser.add_argument("--output", default=os.path.join(common.ROOT, "benchmarks", "results",
+                                                       "train_step.json"))
+  parser.add_argument("--worker", choices=("throughput", "memory"), help=argparse.SUPPRESS)
+  parser.add_argument("--model", help=argparse.SUPPRESS)
+  parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--mesh", help=argparse.SUPPRESS)
+  parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker == "throughput":
+    print(json.dumps(worker_throughput(args.model, args.stage, args.steps, args.warmup)))
+    return
+  if args.worker == "memory":
+    mesh = tuple(int(n) for n in args.mesh.split(","))
+    print(json.dumps(worker_memory(args.model, args.stage, mesh, args.global_batch,
+                                   args.memory_targets)))
+    return
+
+  import jax
+  import flax
+  record = {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": common.machine(jax=jax.__version__, flax=flax.__version__,
+                                load_average_1min_at_start=os.getloadavg()[0]),
+      "throughput": [], "memory": [],
+  }
+  for model, stage in _parse_throughput(args.throughput):
+    record["throughput"].append(_run(
+        ["--worker", "throughput", "--model", model, "--stage", str(stage),
+         "--steps", str(args.steps), "--warmup", str(args.warmup)],
+        {"model": model, "stage": stage}))
+  simulated = {"XLA_FLAGS": " ".join(filter(None, [
+      os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={MESH_DEVICES}"])),
+      "JAX_PLATFORMS": "cpu"}
+  for mesh in args.meshes:
+    for global_batch in args.global_batches:
+      record["memory"].append(_run(
+          ["--worker", "memory", "--model", args.memory_preset, "--stage",
+           str(args.memory_stage), "--mesh", mesh, "--global-batch", str(global_batch),
+           "--memory-targets", str(args.memory_targets)],
+          {"preset": args.memory_preset, "stage": args.memory_stage,
+           "mesh": dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))),
+           "global_batch": global_batch}, env=simulated))
+  record["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+  if record["throughput"]:
+    _print_throughput(record["throughput"])
+  if record["memory"]:
+    _print_memory(record["memory"])
+  common.write_json(record, args.output)
+
+
+if __name__ == "__main__":
+  main()
