@@ -53,6 +53,10 @@ MID_SIZES = dict(img_size=448, pretrain_img_size=224, vit_dim=512, vit_depth=8, 
 MESH_DEVICES = 8
 WORKER_TIMEOUT_S = 15 * 60
 SCHEDULE_STEPS = 1000  # the LR schedule's length where the config derives it from epochs
+# XLA options that skip LLVM's expensive optimisations (as tests/train_sharded_check.py): the
+# HLO passes and buffer assignment, hence memory_analysis(), are unchanged.
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
 
 
 def _model_config(name: str, train_config):
@@ -81,7 +85,8 @@ def _step_parts(train_config, model, stage: int) -> tuple[Any, Any, Any, Callabl
       weight_decay=train_config.optim.weight_decay, clip_norm=train_config.optim.clip_norm)
   schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
                for name, lr in group_lrs.items()}
-  objective = ObjectiveConfig(stage=stage, num_replicas=train_config.train.loss_replicas)
+  objective = ObjectiveConfig(stage=stage, num_replicas=train_config.train.loss_replicas,
+                              pad_num_queries=train_config.train.loss_pad_queries or None)
   return (tx, partition.trainable(stage), StepConfig(objective, train_config.train.accum_steps),
           lambda count: {name: s(count) for name, s in schedules.items()})
 
@@ -175,13 +180,12 @@ def _bytes_per_device(tree, shardings) -> int:
   """Bytes of device 0's shards of `tree` (every split here is even, so each device holds the
   same)."""
   import jax
-  import numpy as np
-  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
 def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_batch: int,
-                  max_targets: int | None) -> dict:
+                  max_targets: int | None, fast_compile: bool) -> dict:
   import jax
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec
@@ -214,36 +218,35 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   shardings = state_shardings(state, mesh)
   abstract_state = abstract_with_shardings(state, shardings)
   batch = _abstract_batch(model_config, global_batch, max_targets, mesh)
+  model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
+  params = nnx.state(model, nnx.Param)
+  state_bytes = {
+      "parameters": _bytes_per_device(params, state_shardings(params, mesh)),
+      "model_state": _bytes_per_device(model_state, state_shardings(model_state, mesh)),
+      "optimizer_state": _bytes_per_device(optimizer_state,
+                                           state_shardings(optimizer_state, mesh)),
+      "batch": _bytes_per_device(batch, batch_shardings(batch, mesh)),
+  }
   step = jax.jit(make_step_fn(graphdef, wrt, step_config, learning_rates),
                  in_shardings=(shardings, batch_shardings(batch, mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=FAST_COMPILE if fast_compile else None)
   start = time.perf_counter()
   lowered = step.lower(abstract_state, batch)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-
-  model_state, optimizer_state = nnx.state(model), nnx.state(optimizer)
-  model_shardings, optimizer_shardings = state_shardings(model_state, mesh), state_shardings(
-      optimizer_state, mesh)
-  params = nnx.state(model, nnx.Param)
   return {
       "preset": preset, "stage": stage, "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
       "devices": mesh.size, "global_batch": global_batch,
       "examples_per_device": global_batch / mesh.size, "max_targets": max_targets,
       "img_size": model_config.img_size, "dtype": model_config.dtype, "remat": model_config.remat,
       "parameters": _parameter_counts(model, stage),
-      "bytes_per_device": {
-          "parameters": _bytes_per_device(params, state_shardings(params, mesh)),
-          "model_state": _bytes_per_device(model_state, model_shardings),
-          "optimizer_state": _bytes_per_device(optimizer_state, optimizer_shardings),
-          "batch": _bytes_per_device(batch, batch_shardings(batch, mesh)),
-      },
+      "bytes_per_device": state_bytes,
       "memory_per_device": _memory_stats(compiled),
       "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
-      "peak_rss_gb": common.peak_rss_gb(),
+      "compiler_options": FAST_COMPILE if fast_compile else {}, "peak_rss_gb": common.peak_rss_gb(),
   }
 
 
@@ -287,12 +290,12 @@ def _print_memory(runs: list[dict]) -> None:
 def _run(args: list[str], description: dict, env: dict[str, str] | None = None) -> dict:
   """One worker's record, or `description` with the error if it failed or ran out of time."""
   print(f"running {description} ...", flush=True)
-  start = time.time()
+  start, load = time.time(), os.getloadavg()[0]  # the machine may be shared: load slows a run
   try:
     result = common.run_worker(__file__, args, env=env, timeout=WORKER_TIMEOUT_S)
   except Exception as error:  # noqa: BLE001  (a failed configuration is a result to report)
     result = {**description, "error": f"{type(error).__name__}: {error}"[-4000:]}
-  result["wall_s"] = time.time() - start
+  result.update(wall_s=time.time() - start, load_average_1min=[load, os.getloadavg()[0]])
   return result
 
 
@@ -316,6 +319,8 @@ def main() -> None:
   parser.add_argument("--memory-stage", type=int, default=3)
   parser.add_argument("--memory-targets", type=int, default=0,
                       help="target slots T (0: the released config's 200)")
+  parser.add_argument("--fast-compile", action="store_true",
+                      help="compile the memory runs with FAST_COMPILE (LLVM passes off)")
   parser.add_argument("--output", default=os.path.join(common.ROOT, "benchmarks", "results",
                                                        "train_step.json"))
   parser.add_argument("--worker", choices=("throughput", "memory"), help=argparse.SUPPRESS)
@@ -330,7 +335,7 @@ def main() -> None:
   if args.worker == "memory":
     mesh = tuple(int(n) for n in args.mesh.split(","))
     print(json.dumps(worker_memory(args.model, args.stage, mesh, args.global_batch,
-                                   args.memory_targets)))
+                                   args.memory_targets, args.fast_compile)))
     return
 
   import jax
@@ -354,7 +359,8 @@ def main() -> None:
       record["memory"].append(_run(
           ["--worker", "memory", "--model", args.memory_preset, "--stage",
            str(args.memory_stage), "--mesh", mesh, "--global-batch", str(global_batch),
-           "--memory-targets", str(args.memory_targets)],
+           "--memory-targets", str(args.memory_targets),
+           *(["--fast-compile"] if args.fast_compile else [])],
           {"preset": args.memory_preset, "stage": args.memory_stage,
            "mesh": dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))),
            "global_batch": global_batch}, env=simulated))

@@ -33,7 +33,7 @@ RELEASED_STAGES = {
 # a cooldown; stage 0 trains SAM 3 itself from scratch on the concept prompts of the 1toAll set
 # (the only entries whose concept names exactly the targets).
 DEMO_STAGES = {
-    0: dict(lr=1e-3, text_lr=1e-3, warmup_steps=30, cooldown_steps=100, timescale=2000,
+    0: dict(lr=2e-3, text_lr=2e-3, warmup_steps=30, cooldown_steps=100, timescale=2000,
             datasets=("HMPL-Instruct_1toAll",)),
     1: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
     2: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stage_settings = ml_collections.ConfigDict(
       {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
   if demo:
-    steps = {0: 600, 1: 250, 2: 250, 3: 150} if variant == "demo" else {0: 4, 1: 3, 2: 3, 3: 3}
+    steps = {0: 800, 1: 250, 2: 250, 3: 150} if variant == "demo" else {0: 4, 1: 3, 2: 3, 3: 3}
     config.stage_settings = ml_collections.ConfigDict(
         {f"stage{stage}": _stage(**values, steps=steps[stage])
          for stage, values in DEMO_STAGES.items()})
@@ -110,6 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # in the paper's setting); the loss reproduces that for this many replicas, independent
       # of the mesh.
       "loss_replicas": 1 if demo else 16,
+      # loss_ce's normaliser: B * max(Q, this) as released; 0 = B * Q (the demo's 16 queries).
+      "loss_pad_queries": 0 if demo else 200,
       "log_every": 25 if demo else 50,
       "checkpoint_every": 200 if demo else 2000,
       "keep_checkpoints": 2 if demo else 3,

@@ -29,6 +29,9 @@ class ObjectiveConfig:
   detection: LossWeights = LossWeights()
   alignment: AlignmentWeights = AlignmentWeights()
   num_replicas: int = 1  # data-parallel replicas of the reference's per-GPU normalisation
+  # loss_ce divides by B * max(Q, pad_num_queries) (the reference's 200); None: by B * Q, which a
+  # model with few queries (the demo's 16) needs to learn its scores at a useful rate.
+  pad_num_queries: int | None = 200
 
   def __post_init__(self):
     if self.stage not in STAGE_LEVELS:
@@ -67,7 +70,8 @@ def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
   total = jnp.zeros((), jnp.float32)
   for level in config.levels:
     branch_total, terms = detection_loss(outputs[level], targets, weights=config.detection,
-                                         num_replicas=config.num_replicas)
+                                         num_replicas=config.num_replicas,
+                                         pad_num_queries=config.pad_num_queries)
     metrics[f"{level}/loss"] = branch_total
     metrics.update({f"{level}/{name}": value for name, value in terms.items()})
     total = total + branch_total

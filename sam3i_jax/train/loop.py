@@ -164,7 +164,8 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
       group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
       weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
   partition.summary(model, stage, print_fn=_log)
-  objective = ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas)
+  objective = ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas,
+                              pad_num_queries=config.train.loss_pad_queries or None)
   schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
                for name, lr in group_lrs.items()}
   trainer = Trainer(model, tx, partition.trainable(stage), mesh,
