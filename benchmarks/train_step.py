@@ -52,6 +52,10 @@ MID_SIZES = dict(img_size=448, pretrain_img_size=224, vit_dim=512, vit_depth=8, 
                  text_layers=12)
 MESH_DEVICES = 8
 WORKER_TIMEOUT_S = 15 * 60
+# Global batch of the throughput runs. The mid model's step at batch 8 needs 14 GB (stage 1) and
+# 26 GB (stage 3) of XLA temp memory on CPU, mostly the fusion encoder's attention logits,
+# weights and dropout masks ((B, 8, 1024, 1024) per layer, kept for the backward pass).
+THROUGHPUT_BATCH = {"demo": 8, "mid": 2}
 SCHEDULE_STEPS = 1000  # the LR schedule's length where the config derives it from epochs
 # XLA options that skip LLVM's expensive optimisations (as tests/train_sharded_check.py): the
 # HLO passes and buffer assignment, hence memory_analysis(), are unchanged.
@@ -106,7 +110,8 @@ def _parameter_counts(model, stage: int) -> dict[str, int]:
   return {"total": counts["total"], "trainable": counts["total"] - counts[partition.FROZEN]}
 
 
-def worker_throughput(model_name: str, stage: int, steps: int, warmup: int) -> dict:
+def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int,
+                      warmup: int) -> dict:
   import jax
   import numpy as np
 
@@ -124,7 +129,8 @@ def worker_throughput(model_name: str, stage: int, steps: int, warmup: int) -> d
   tx, wrt, step_config, learning_rates = _step_parts(train_config, model, stage)
   trainer = Trainer(model, tx, wrt, mesh, step_config, learning_rates=learning_rates)
 
-  data = loop.stage_data_config(train_config, stage, train_config.train.global_batch)
+  train_config.train.global_batch = global_batch
+  data = loop.stage_data_config(train_config, stage, global_batch)
   iterator = input_pipeline.train_pipeline(data, model_config, process_index=0,
                                            process_count=1).iterator()
   batches = [input_pipeline.make_global_batch(next(iterator), mesh, ("data", "fsdp"))
@@ -250,6 +256,10 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   }
 
 
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _gb(n: float) -> str:
   return f"{n / 1e9:.2f}"
 
@@ -295,7 +305,8 @@ def _run(args: list[str], description: dict, env: dict[str, str] | None = None) 
     result = common.run_worker(__file__, args, env=env, timeout=WORKER_TIMEOUT_S)
   except Exception as error:  # noqa: BLE001  (a failed configuration is a result to report)
     result = {**description, "error": f"{type(error).__name__}: {error}"[-4000:]}
-  result.update(wall_s=time.time() - start, load_average_1min=[load, os.getloadavg()[0]])
+  result.update(wall_s=time.time() - start, load_average_1min=[load, os.getloadavg()[0]],
+                date=_now())
   return result
 
 
@@ -309,11 +320,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--throughput", nargs="*", default=["demo:0,1,3", "mid:1,3"],
-                      help="model:stage,stage,... runs on one CPU device (none: skip)")
+                      help="model:stage,stage,... runs on one CPU device (none: skip, keeping "
+                      "the output file's earlier results)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput run")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--meshes", nargs="*", default=["1,8,1", "2,4,1"],
-                      help=f"(data,fsdp,tensor) meshes of {MESH_DEVICES} devices (none: skip)")
+                      help=f"(data,fsdp,tensor) meshes of {MESH_DEVICES} devices (none: skip, "
+                      "keeping the output file's earlier results)")
   parser.add_argument("--global-batches", nargs="*", type=int, default=[8, 16])
   parser.add_argument("--memory-preset", default="full")
   parser.add_argument("--memory-stage", type=int, default=3)
@@ -330,7 +343,8 @@ def main() -> None:
   parser.add_argument("--global-batch", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker == "throughput":
-    print(json.dumps(worker_throughput(args.model, args.stage, args.steps, args.warmup)))
+    print(json.dumps(worker_throughput(args.model, args.stage, args.global_batch, args.steps,
+                                       args.warmup)))
     return
   if args.worker == "memory":
     mesh = tuple(int(n) for n in args.mesh.split(","))
@@ -338,18 +352,23 @@ def main() -> None:
                                    args.memory_targets, args.fast_compile)))
     return
 
-  import jax
   import flax
+  import jax
   record = {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": _now(),
       "machine": common.machine(jax=jax.__version__, flax=flax.__version__,
                                 load_average_1min_at_start=os.getloadavg()[0]),
       "throughput": [], "memory": [],
   }
+  if os.path.exists(args.output):  # a part not run now keeps its earlier results
+    with open(args.output) as f:
+      earlier = json.load(f)
+    record.update({part: earlier.get(part, []) for part, run in
+                   (("throughput", args.throughput), ("memory", args.meshes)) if not run})
   for model, stage in _parse_throughput(args.throughput):
     record["throughput"].append(_run(
-        ["--worker", "throughput", "--model", model, "--stage", str(stage),
-         "--steps", str(args.steps), "--warmup", str(args.warmup)],
+        ["--worker", "throughput", "--model", model, "--stage", str(stage), "--global-batch",
+         str(THROUGHPUT_BATCH[model]), "--steps", str(args.steps), "--warmup", str(args.warmup)],
         {"model": model, "stage": stage}))
   simulated = {"XLA_FLAGS": " ".join(filter(None, [
       os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={MESH_DEVICES}"])),
