@@ -16,7 +16,8 @@ from flax import nnx
 
 from convert.sam3 import IGNORED_GROUPS
 from convert.torch_layout import load_state_dict
-from sam3i_jax.models.sam3 import Sam3Image
+from sam3i_jax.models.config import get_preset
+from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
 
 TEXTS = ["a red car", "the helmet of the rider on the black horse"]
 BOXES = [[0.5, 0.5, 0.2, 0.3], [0.85, 0.15, 0.4, 0.5]]  # the second crosses the image border
@@ -103,3 +104,15 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
   for name in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit"):
     err = parity.rel_l2(np.asarray(half[name], np.float32), full[name])
     assert err < 5e-2, f"{name}: bf16 vs fp32 relative error {err:.3g}"
+
+
+def test_host_counted_rngs_initialise_like_nnx_rngs_every_time():
+  """The host counter gives nnx.Rngs' keys, and the same ones on every build: an in-place counter
+  that JAX read zero-copy once raced the key derivation (different weights from one seed)."""
+  config = get_preset("tiny", adapters=True)
+  want = jax.tree.leaves(nnx.state(Sam3Image(config, rngs=nnx.Rngs(3)), nnx.Param))
+  for _ in range(3):
+    got = jax.tree.leaves(nnx.state(Sam3Image(config, rngs=host_counted_rngs(3)), nnx.Param))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -179,8 +179,19 @@ def host_counted_rngs(seed: int = 0) -> nnx.Rngs:
   error message that walks the whole trace. The full-size model's eval_shape took 34 s, 3.7 s here.
   """
   rngs = nnx.Rngs(seed)
-  rngs.default.count.set_raw_value(np.zeros((), np.uint32))
+  rngs.default.count.set_raw_value(np.zeros((), np.uint32).view(_HostCounter))
   return rngs
+
+
+class _HostCounter(np.ndarray):
+  """A 0-d counter whose reads are copies. The stream computes `fold_in(key, count[...])` and then
+  increments the counter in place; JAX may alias a numpy buffer zero-copy while the dispatch is
+  still in flight, so a view would let the increment race the key derivation (different
+  initialisations from the same seed)."""
+
+  def __getitem__(self, index):
+    value = super().__getitem__(index)
+    return value.copy() if isinstance(value, np.ndarray) else value
 
 
 def abstract_model(config: Sam3Config) -> Sam3Image:
