@@ -5,7 +5,7 @@
       --json val=/data/sam3i_datasets/HMPL-Instruct_1to1/sam3i_val.json \\
       --images /data/coco2017 --out /data/tfds
 
-Writes `<out>/sam3i_instruct/<config>/1.0.0/` (config = the dataset name in snake case, e.g.
+Writes `<out>/sam3i_instruct/<config>/<version>/` (config = the dataset name in snake case, e.g.
 hmpl_instruct_1to1) with TFDS's progress bars, then prints what was skipped. Point the pipeline
 config's `tfds_data_dir` at `<out>` and use kind="tfds" for the dataset. Exit status 1, with the
 file and record named, on bad input under --bad-input=error (the default); nothing is left

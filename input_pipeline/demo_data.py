@@ -14,6 +14,9 @@ not all of a class: "the red cars", "the wheels of the yellow car"), a 1toAll en
 instance of a class or part) and sometimes a negative (a class that is not in the scene, no
 annotations). Only the 1toAll entries and negatives use the concept consistently with their
 targets, as in HMPL-Instruct (a 1to1 entry's concept "mug" names all mugs, its target is one).
+Categories are named in the style of PACO-LVIS (which HMPL-Instruct is built on): objects "mug",
+parts "mug:handle", so the reader gives every datapoint its target kind (object or part) and
+evaluation reports both; negatives query object classes.
 
 Layout (under `default_demo_dir()` = `$SAM3I_DATA_DIR/demo_hmpl` or
 `~/.cache/sam3i_jax/demo_hmpl`):
@@ -314,7 +317,7 @@ def _categories() -> list[dict[str, Any]]:
   cats = []
   for kind in KINDS:
     cats.append({"id": kind.category_id, "name": kind.name})
-    cats.append({"id": kind.part_category_id, "name": f"{kind.name} {kind.part}"})
+    cats.append({"id": kind.part_category_id, "name": f"{kind.name}:{kind.part}"})
   return cats
 
 

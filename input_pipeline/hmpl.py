@@ -8,18 +8,31 @@ conversions of SAM3-I's mixture):
                                       "complex_query": [...]}, "queried_category" (optional)}
   annotations[]: {"id", "image_id" (= an images[] id), "category_id", "bbox" [x, y, w, h] pixels,
                   "segmentation" (RLE, uncompressed RLE or polygons), "iscrowd", "area"}
-  categories[]:  {"id", "name"} (not needed here)
+  categories[]:  {"id", "name"} (optional: only the target kind below needs it)
 
 One images[] entry is one datapoint (image + instruction set) and ALL its annotations are its
 targets (one for 1to1, several for 1toN, every instance for 1toAll, none for a negative); the same
 file_name may appear in several entries. Records come sorted by id, as in the reference loader.
 
-Bad input: every problem names the file and the record (`path: images[i] (id=..., file_name=...)`
-or `path: annotations[j] (id=..., image_id=...)`). With `bad_input="error"` the first problem
-raises `BadInputError`; with `"skip"` the record is dropped (an annotation whose image id does
-not exist is dropped alone: it belongs to no record) and the problem is counted in the
-`InputReport`. A record with any malformed annotation is dropped whole: training on part of a
-datapoint's targets would teach the model to leave the others out.
+Target kind ("object" or "part", for the paper's object / part breakdown): SAM3-I's released code
+has no such split (its `scripts/evaluate.py` groups by nothing but the file it is given), so the
+rule is ours, taken from the naming of PACO-LVIS, which HMPL-Instruct is built on: PACO's 75
+object categories carry LVIS names ("mug", id 708) and its 456 part categories are named
+"object:part" ("mug:handle", id 2182); a ":" in the name holds exactly for PACO's
+supercategory "PART". A datapoint's kind is that of the category it queries (`queried_category`),
+else that of its annotations' categories when they all have one kind; a negative (no
+annotations) thus takes its queried category's kind. The kind is "" (unknown) when the file has
+no `categories[]`, the category ids are not in it, or the annotations mix both kinds (noted in
+the report when the file lists categories).
+
+Bad input: every problem names the file and the record (`path: images[i] (id=..., file_name=...)`,
+`path: annotations[j] (id=..., image_id=...)` or `path: categories[k] (id=..., name=...)`). With
+`bad_input="error"` the first problem raises `BadInputError`; with `"skip"` the record is
+dropped and the problem is counted in the `InputReport`. An annotation whose image id does not
+exist is dropped alone (it belongs to no record); so is a malformed category entry (datapoints of
+that category get an unknown kind) or a repeated category id (the first entry counts). A record
+with any malformed annotation is dropped whole: training on part of a datapoint's targets would
+teach the model to leave the others out.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from input_pipeline import masks as masks_lib
 BAD_INPUT_POLICIES = ("error", "skip")
 IMAGE_CHECKS = ("none", "exists", "decode")
 LEVELS = ("concept", "simple", "complex")
+PART_SEPARATOR = ":"  # PACO names part categories "object:part"
 JSON_LEVEL_KEYS = {"concept": "concept", "simple": "simple_query", "complex": "complex_query"}
 _EXAMPLES_KEPT = 5  # messages kept per problem kind in a report
 
@@ -76,6 +90,7 @@ class Record:
   category_ids: np.ndarray  # (N,) int64
   annotation_ids: np.ndarray  # (N,) int64
   queried_category: int = -1
+  kind: str = ""  # "object", "part" or "" (unknown): see the module docstring
   origin: str = ""  # "path: images[i]" for messages
   image: bytes | None = None
   image_error: str | None = None
@@ -94,7 +109,8 @@ class Record:
         "complex": list(self.complex), "rles": [r.decode("ascii") for r in self.rles],
         "rle_sizes": self.rle_sizes, "boxes": self.boxes, "iscrowd": self.iscrowd,
         "category_ids": self.category_ids, "annotation_ids": self.annotation_ids,
-        "queried_category": self.queried_category, "origin": self.origin, "image": self.image,
+        "queried_category": self.queried_category, "kind": self.kind, "origin": self.origin,
+        "image": self.image,
     }
 
   @classmethod
@@ -111,8 +127,9 @@ class Record:
         iscrowd=np.asarray(features["iscrowd"], np.bool_).reshape(-1),
         category_ids=np.asarray(features["category_ids"], np.int64).reshape(-1),
         annotation_ids=np.asarray(features["annotation_ids"], np.int64).reshape(-1),
-        queried_category=int(features["queried_category"]), origin=_as_text(features["origin"]),
-        image=bytes(features["image"]))
+        queried_category=int(features["queried_category"]),
+        kind=_as_text(features.get("kind", "")),  # shards of builder 1.0.0 have no kind
+        origin=_as_text(features["origin"]), image=bytes(features["image"]))
 
 
 def _as_text(value: bytes | str) -> str:
@@ -241,9 +258,44 @@ def _load_json(path: str) -> dict[str, Any]:
     raise BadInputError(f"{path}: not a readable JSON file ({e})") from e
   if not isinstance(data, dict) or not isinstance(data.get("images"), list):
     raise BadInputError(f"{path}: expected a JSON object with an 'images' list")
-  if not isinstance(data.get("annotations", []), list):
-    raise BadInputError(f"{path}: 'annotations' is not a list")
+  for key in ("annotations", "categories"):
+    if not isinstance(data.get(key, []), list):
+      raise BadInputError(f"{path}: '{key}' is not a list")
   return data
+
+
+def category_kind(name: str) -> str:
+  """The target kind that a category name stands for: "part" for PACO's "object:part" names."""
+  return "part" if PART_SEPARATOR in name else "object"
+
+
+def _category_kinds(categories: list[Any], json_path: str,
+                    report: InputReport) -> dict[int, str]:
+  """Category id -> target kind; a malformed or repeated entry is a problem (dropped on skip)."""
+  index_of: dict[int, int] = {}
+  kinds: dict[int, str] = {}
+  for k, category in enumerate(categories):
+    category_id = category.get("id") if isinstance(category, dict) else None
+    name = category.get("name") if isinstance(category, dict) else None
+    where = f"{json_path}: categories[{k}] (id={category_id!r}, name={name!r})"
+    if not _int_id(category_id) or not isinstance(name, str) or not name.strip():
+      report.problem("malformed_category", f"{where}: needs an integer id and a non-empty name")
+      continue
+    if category_id in index_of:
+      report.problem("duplicate_category_id",
+                     f"{where}: id already used by categories[{index_of[category_id]}]")
+      continue
+    index_of[category_id] = k
+    kinds[category_id] = category_kind(name)
+  return kinds
+
+
+def _target_kind(queried: int, category_ids: Iterable[int], kinds: dict[int, str]) -> str:
+  """The queried category's kind, else the one kind of all annotations, else ""."""
+  if queried in kinds:
+    return kinds[queried]
+  found = {kinds.get(c, "") for c in category_ids}
+  return found.pop() if len(found) == 1 else ""
 
 
 def _check_image(path: str, mode: str) -> tuple[str, str] | None:
@@ -319,6 +371,8 @@ def read_hmpl_json(json_path: str, image_root: str, *, bad_input: str = "error",
   report = report if report is not None else InputReport(bad_input)
   texts = _TextChecker(text_rules, report) if text_rules is not None else None
   data = _load_json(json_path)
+  kinds = (_category_kinds(data["categories"], json_path, report) if data.get("categories")
+           else None)
 
   entries: dict[int, tuple[int, dict[str, Any]]] = {}
   for i, entry in enumerate(data["images"]):
@@ -352,7 +406,7 @@ def read_hmpl_json(json_path: str, image_root: str, *, bad_input: str = "error",
     i, entry = entries[datapoint_id]
     origin = f"{json_path}: images[{i}]"
     record = _parse_entry(entry, anns_by_image[datapoint_id], origin, image_root, check_images,
-                          texts, report)
+                          texts, kinds, report)
     if record is not None:
       records.append(record)
   return records
@@ -360,8 +414,11 @@ def read_hmpl_json(json_path: str, image_root: str, *, bad_input: str = "error",
 
 def _parse_entry(entry: dict[str, Any], anns: Iterable[tuple[int, Any]], origin: str,
                  image_root: str, check_images: str, texts: _TextChecker | None,
-                 report: InputReport) -> Record | None:
-  """The record of one images[] entry, or None (problem reported) if it must be skipped."""
+                 kinds: dict[int, str] | None, report: InputReport) -> Record | None:
+  """The record of one images[] entry, or None (problem reported) if it must be skipped.
+
+  kinds: category id -> target kind; None when the file has no categories[] (kind unknown).
+  """
   where = f"{origin} (id={entry['id']}, file_name={entry['file_name']!r})"
   inst = entry.get("text_inst_input")
   if not isinstance(inst, dict):
@@ -401,8 +458,16 @@ def _parse_entry(entry: dict[str, Any], anns: Iterable[tuple[int, Any]], origin:
     report.problem(kind, f"{where}: {message}")
     return None
   queried = entry.get("queried_category", -1)
+  queried = queried if _int_id(queried) else -1
+  target_kind = ""
+  if kinds is not None:
+    category_ids = [a.category_id for a in parsed]
+    target_kind = _target_kind(queried, category_ids, kinds)
+    if not target_kind:
+      report.note("unknown_target_kind", f"{where}: no single target kind (queried_category="
+                  f"{queried}, annotation categories {sorted(set(category_ids))})")
   return Record(
       datapoint_id=entry["id"], image_id=image_id_from_file_name(entry["file_name"]),
       file_name=entry["file_name"], height=height, width=width, **levels,
-      **_annotation_arrays(parsed), queried_category=queried if _int_id(queried) else -1,
+      **_annotation_arrays(parsed), queried_category=queried, kind=target_kind,
       origin=origin)

@@ -56,19 +56,27 @@ class JsonSource:
 class TfdsSource:
   """The records of one split of a built `sam3i_instruct/<config>` dataset (ArrayRecord).
 
-  `report` holds what the builder skipped (its `build_report.json`), so training logs it too.
+  Reads the newest version built in `data_dir` through the features stored with it, so shards of
+  an older builder version stay readable whether or not the builder's code is imported (through
+  the registered builder, TFDS would try to build the code's version instead). `report` holds
+  what the builder skipped (its `build_report.json`), so training logs it too.
   """
 
   def __init__(self, config_name: str, split: str, data_dir: str):
     import tensorflow_datasets as tfds  # only for TFDS sources; never imports tensorflow here
     self.name = f"{TFDS_BUILDER_NAME}/{config_name}"
-    if not os.path.isdir(os.path.join(data_dir, TFDS_BUILDER_NAME, config_name)):
+    config_dir = os.path.join(data_dir, TFDS_BUILDER_NAME, config_name)
+    names = os.listdir(config_dir) if os.path.isdir(config_dir) else []
+    versions = sorted(tfds.core.Version(v) for v in names if tfds.core.Version.is_valid(v))
+    if not versions:
       raise FileNotFoundError(
           f"{self.name} is not built in {data_dir}; build it with `python -m "
           f"input_pipeline.build --dataset <name> ... --out {data_dir}`")
-    self.source = tfds.data_source(self.name, split=split, data_dir=data_dir)
+    builder = tfds.builder_from_directory(os.path.join(config_dir, str(versions[-1])))
+    self.version = str(builder.info.version)
+    self.source = builder.as_data_source(split=split)
     self.report = hmpl.InputReport("skip")
-    report_path = os.path.join(self.source.dataset_info.data_dir, BUILD_REPORT_FILE)
+    report_path = os.path.join(builder.data_dir, BUILD_REPORT_FILE)
     if os.path.isfile(report_path):
       with open(report_path) as f:
         built = json.load(f).get(split, {})
@@ -85,4 +93,4 @@ class TfdsSource:
     return [len(self.source[i]["concept"]) for i in range(len(self.source))]
 
   def __repr__(self) -> str:
-    return f"TfdsSource({self.name!r}, {len(self)} records)"
+    return f"TfdsSource({self.name!r}, version {self.version}, {len(self)} records)"

@@ -9,7 +9,8 @@ through `builder_config(name)`), one split per JSON file. Each example is one `h
               in microseconds, and the transform needs only the decoded mask;
   rle_sizes, boxes, iscrowd, category_ids, annotation_ids: per-annotation arrays;
   concept / simple / complex: the instruction lists; datapoint_id, image_id, file_name,
-  height, width, queried_category, origin (JSON file and index, for messages).
+  height, width, queried_category, kind (the target kind, "object" / "part" / "" unknown, see
+  `hmpl`), origin (JSON file and index, for messages).
 Works without TensorFlow (tensorflow-datasets' array_record writer and numpy feature encoding;
 `tfds.features.Image` would need TensorFlow, hence the raw bytes).
 
@@ -71,8 +72,13 @@ def builder_config(dataset_name: str) -> Sam3iConfig:
 class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
   """Instruction segmentation datapoints (HMPL-Instruct format) as ArrayRecord shards."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First version.",
+      "1.1.0": "Adds `kind`, the target kind (object / part) that evaluation groups by. 1.0.0 "
+               "shards stay readable (their records have an unknown kind); rebuild them for "
+               "the object / part metrics.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = list(_RELEASED_CONFIGS.values())
 
@@ -97,6 +103,7 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
         "height": tfds.features.Scalar(np.int32),
         "width": tfds.features.Scalar(np.int32),
         "queried_category": tfds.features.Scalar(np.int64),
+        "kind": tfds.features.Text(),
         "image": tfds.features.Tensor(shape=(), dtype=np.object_),
         "concept": text_list,
         "simple": text_list,

@@ -18,7 +18,9 @@ element's index):
      `concept_choice`), tokenised with the CLIP tokenizer; concept_id hashes concept[0].
 Eval (`EvalTransform`): resize to S x S with `sam3i_jax.preprocess.preprocess` (bit-exact with
 SAM 3's processor), no padding, the first string of each level (or the concept the item names),
-and the strings themselves under `HOST_KEY` (never sent to a device).
+and under `HOST_KEY` (never sent to a device) the strings themselves with what evaluation groups
+and scores by: the dataset name, the target kind ("object", "part", "" unknown) and the ground
+truth as RLE.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ BATCH_KEYS = ("image", "tokens_concept", "tokens_simple", "tokens_complex", "box
               "target_valid", "masks", "concept_id", "datapoint_id", "image_id", "orig_size",
               "content_size", "example_valid")
 HOST_KEY = "text"
+EVAL_TEXT_KEYS = (*hmpl.LEVELS, "dataset", "kind", "ground_truth")  # the strings under HOST_KEY
 CONCEPT_CHOICES = ("random", "first")
 REFERENCE_SIZE = 1008  # SAM 3's image size, for which the train sizes are {480, 512, ..., 992}
 REFERENCE_MIN_SIZE = 480
@@ -100,7 +103,7 @@ def padding_example(spec: ExampleSpec, with_text: bool = False) -> dict[str, Any
       "example_valid": np.bool_(False),
   }
   if with_text:
-    example[HOST_KEY] = {key: "" for key in (*hmpl.LEVELS, "dataset", "ground_truth")}
+    example[HOST_KEY] = {key: "" for key in EVAL_TEXT_KEYS}
   return example
 
 
@@ -282,7 +285,7 @@ class EvalTransform(grain.transforms.Map):
                      len(targets), spec.max_targets)
       targets = targets[:spec.max_targets]
     strings = {"concept": record.concept[item.concept_index], "simple": record.simple[0],
-               "complex": record.complex[0], "dataset": item.dataset,
+               "complex": record.complex[0], "dataset": item.dataset, "kind": record.kind,
                "ground_truth": ground_truth_rle(record)}
     pixels = preprocess.preprocess(np.asarray(image), spec.image_size)
     example = self.maker.make(record, targets, boxes_xyxy, pixels, (image.height, image.width),

@@ -86,10 +86,12 @@ def test_entries_read_cleanly_and_words_fit_targets(small):
       assert set(counts) == {0, 1}
     elif subset.endswith("1toN"):
       assert min(c for c in counts if c) >= 2
+    assert {r.kind for r in records} == {"object", "part"}, subset
     for record in records:
       kind = record.concept[0].split()[0]
       is_part = " " in record.concept[0]
       assert record.queried_category == categories[kind][is_part]
+      assert record.kind == ("part" if is_part else "object")  # "mug:handle" is a part
       assert set(record.category_ids.tolist()) <= {record.queried_category}
       named = [c for c in demo_data.COLOURS if c in record.simple[0].split()]
       if not record.rles or not named or is_part or kind == "house":

@@ -219,8 +219,43 @@ def test_tfds_shards_give_the_same_examples_as_json(demo_root, built):
   assert next(train.iterator())["image"].shape == (4, 224, 224, 3)
 
 
+def _json_kinds(demo_root, subset, split):
+  with open(demo_root / subset / f"sam3i_{split}.json") as f:
+    data = json.load(f)
+  names = {c["id"]: c["name"] for c in data["categories"]}
+  return {e["id"]: "part" if ":" in names[e["queried_category"]] else "object"
+          for e in data["images"]}
+
+
+def test_tfds_records_keep_the_kind_and_old_versions_stay_readable(demo_root, built, tmp_path):
+  import shutil
+  from input_pipeline import sources, tfds_builder  # a registered builder must not get in the way
+  config = sources.tfds_config_name(SUBSETS[1])
+  version = str(tfds_builder.Sam3iInstruct.VERSION)
+  for split in ("train", "val"):
+    source = sources.TfdsSource(config, split, str(built))
+    assert source.version == version
+    kinds = {source[i].datapoint_id: source[i].kind for i in range(len(source))}
+    assert kinds == _json_kinds(demo_root, SUBSETS[1], split)
+  assert set(kinds.values()) == {"object", "part"}
+  # A 1.0.0 dataset: the same shards with the features that version stored (no kind).
+  current = built / tfds_builder.Sam3iInstruct.name / config / version
+  old = tmp_path / tfds_builder.Sam3iInstruct.name / config / "1.0.0"
+  shutil.copytree(current, old)
+  features = json.loads((old / "features.json").read_text())
+  del features["featuresDict"]["features"]["kind"]
+  (old / "features.json").write_text(json.dumps(features))
+  info = json.loads((old / "dataset_info.json").read_text())
+  (old / "dataset_info.json").write_text(json.dumps({**info, "version": "1.0.0"}))
+  source = sources.TfdsSource(config, "val", str(tmp_path))
+  assert source.version == "1.0.0" and len(source) == len(kinds)
+  assert {source[i].kind for i in range(len(source))} == {""}
+  shutil.copytree(current, old.parent / version)
+  assert sources.TfdsSource(config, "val", str(tmp_path)).version == version  # the newest
+
+
 def test_builder_writes_nothing_on_error_and_reports_skips(demo_root, tmp_path, capsys):
-  from input_pipeline import build
+  from input_pipeline import build, tfds_builder
   with open(demo_root / SUBSETS[0] / "sam3i_val.json") as f:
     data = json.load(f)
   data["annotations"][0]["segmentation"] = {"size": [256, 256], "counts": [5, 5]}
@@ -232,7 +267,8 @@ def test_builder_writes_nothing_on_error_and_reports_skips(demo_root, tmp_path, 
   assert build.main(args) == 1
   assert "malformed segmentation" in capsys.readouterr().err
   assert not list((tmp_path / "out").rglob("*.array_record*"))
-  assert not list((tmp_path / "out").rglob("1.0.0"))  # no dataset version directory at all
+  version = str(tfds_builder.Sam3iInstruct.VERSION)
+  assert not list((tmp_path / "out").rglob(version))  # no dataset version directory at all
   assert build.main(args + ["--bad-input", "skip"]) == 0
   out = capsys.readouterr().out
   assert f"val: {len(data['images']) - 2} examples" in out

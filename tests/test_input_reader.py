@@ -173,6 +173,11 @@ def test_lenient_text_rules_keep_and_count(tmp_path):
      r"images\[0\] \(id=0.*simple_query\[0\].*tokens > 32.*overlong"),
     (lambda d: d["images"][0]["text_inst_input"].update(concept=["café"]),
      r"images\[0\] \(id=0.*concept\[0\].*not ASCII"),
+    (lambda d: d["categories"].append({"id": "2", "name": "cube:face"}),
+     r"categories\[1\] \(id='2', name='cube:face'\): needs an integer id.*malformed_category"),
+    (lambda d: d["categories"].append({"id": 1, "name": "cube:face"}),
+     r"categories\[1\] \(id=1, .*already used by categories\[0\].*duplicate_category_id"),
+    (lambda d: d.update(categories={"1": "cube"}), r"'categories' is not a list"),
 ])
 def test_bad_input_error_names_file_and_record(tmp_path, change, expected):
   path = _write(tmp_path, [_entry(i) for i in range(5)], [_ann(i, i) for i in range(5)])
@@ -192,3 +197,67 @@ def test_unreadable_json_is_an_error(tmp_path):
     hmpl.read_hmpl_json(str(bad), str(tmp_path))
   with pytest.raises(hmpl.BadInputError, match="not found"):
     hmpl.read_hmpl_json(str(tmp_path / "nope.json"), str(tmp_path))
+
+
+def test_category_kind_follows_paco_names():
+  assert hmpl.category_kind("mug:handle") == "part"
+  assert hmpl.category_kind("car_(automobile):wheel") == "part"
+  assert hmpl.category_kind("car_(automobile)") == "object"
+  assert hmpl.category_kind("mug handle") == "object"
+
+
+def _kinds_file(tmp_path, categories):
+  """Datapoints whose kind comes from the queried category, the annotations, or nothing."""
+  images = [_entry(0, queried_category=1), _entry(1, queried_category=2),
+            _entry(2, queried_category=2), _entry(3), _entry(4), _entry(5),
+            _entry(6, queried_category=99)]
+  annotations = [_ann(10, 0, category_id=1), _ann(11, 1, category_id=2),
+                 _ann(12, 3, category_id=2), _ann(13, 3, category_id=2),
+                 _ann(14, 5, category_id=1), _ann(15, 5, category_id=2),
+                 _ann(16, 6, category_id=1)]
+  path = _write(tmp_path, images, annotations)
+  data = json.loads(open(path).read())
+  if categories is None:
+    del data["categories"]
+  else:
+    data["categories"] = categories
+  open(path, "w").write(json.dumps(data))
+  return path
+
+
+CATEGORIES = [{"id": 1, "name": "cube"}, {"id": 2, "name": "cube:face"},
+              {"id": 3, "name": "sphere"}]
+
+
+def test_target_kinds_of_objects_parts_and_negatives(tmp_path):
+  report = hmpl.InputReport()
+  records = hmpl.read_hmpl_json(_kinds_file(tmp_path, CATEGORIES), str(tmp_path), report=report)
+  # 0 queries an object; 1 a part; 2 is a negative querying a part; 3 has no queried category
+  # and part annotations; 4 a negative with no queried category; 5 mixes both kinds; 6 queries
+  # an id that is not in categories[] and has an object annotation.
+  assert [r.kind for r in records] == ["object", "part", "part", "part", "", "", "object"]
+  assert report.notes == {"unknown_target_kind": 2}
+  assert any("images[5] (id=5" in m and "[1, 2]" in m
+             for m in report.examples["unknown_target_kind"])
+  assert not report.problems
+
+
+def test_target_kind_is_unknown_without_categories(tmp_path):
+  for categories in (None, []):
+    report = hmpl.InputReport()
+    records = hmpl.read_hmpl_json(_kinds_file(tmp_path, categories), str(tmp_path),
+                                  report=report)
+    assert [r.kind for r in records] == [""] * 7
+    assert not report.notes and not report.problems
+
+
+def test_bad_category_entries_are_skipped_alone(tmp_path):
+  categories = [{"id": 1, "name": "cube"}, {"id": 2, "name": ""}, {"id": 1, "name": "cube:x"},
+                "sphere"]
+  report = hmpl.InputReport("skip")
+  records = hmpl.read_hmpl_json(_kinds_file(tmp_path, categories), str(tmp_path), report=report)
+  assert len(records) == 7  # no datapoint is dropped for a bad category entry
+  assert [r.kind for r in records] == ["object", "", "", "", "", "", "object"]
+  assert report.problems == {"malformed_category": 2, "duplicate_category_id": 1}
+  assert any("categories[3] (id=None, name=None)" in m
+             for m in report.examples["malformed_category"])

@@ -181,12 +181,15 @@ def test_strings_tokens_and_concept_id():
   assert transforms.concept_id(" Cube ") == transforms.concept_id("cube")
   assert transforms.concept_id("cube") != transforms.concept_id("cubes")
   assert 0 <= transforms.concept_id("cube") < 2**31
+  assert set(example) == set(transforms.BATCH_KEYS)  # no kind (nor any string) in training
   evaluated = transforms.EvalTransform(SPEC).map(
-      transforms.EvalItem(record, concept_index=1, dataset="cubes"))
+      transforms.EvalItem(dataclasses.replace(record, kind="part"), concept_index=1,
+                          dataset="cubes"))
   host = evaluated[transforms.HOST_KEY]
-  assert {key: host[key] for key in (*hmpl.LEVELS, "dataset")} == {
+  assert set(host) == set(transforms.EVAL_TEXT_KEYS)
+  assert {key: host[key] for key in (*hmpl.LEVELS, "dataset", "kind")} == {
       "concept": "block", "simple": "the red cube", "complex": "what you stack",
-      "dataset": "cubes"}
+      "dataset": "cubes", "kind": "part"}
   size = [record.height, record.width]
   union = mask_utils.decode({"size": size, "counts": host["ground_truth"]})
   each = mask_utils.decode([{"size": size, "counts": rle} for rle in record.rles])
@@ -212,6 +215,7 @@ def test_corrupt_image_error_or_skip():
   assert skip.random_map(record, np.random.default_rng(0)) is None
   padding = transforms.EvalTransform(SPEC, bad_input="skip").map(transforms.EvalItem(record))
   assert not padding["example_valid"] and padding["datapoint_id"] == -1
+  assert padding[transforms.HOST_KEY] == {key: "" for key in transforms.EVAL_TEXT_KEYS}
   missing = _record(image=None, image_error="image file /d/x.png cannot be read")
   with pytest.raises(hmpl.BadInputError, match="/d/x.png cannot be read"):
     transforms.EvalTransform(SPEC).map(transforms.EvalItem(missing))

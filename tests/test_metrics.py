@@ -1,8 +1,13 @@
-"""Evaluation metrics on hand-built masks whose IoUs are known by construction."""
+"""Evaluation metrics and grouping on hand-built masks whose IoUs are known by construction."""
 
+import jax.numpy as jnp
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
+from flax import nnx
 
+from input_pipeline import hmpl
+from sam3i_jax.evaluation import evaluate as evaluate_lib
 from sam3i_jax.evaluation import metrics
 
 
@@ -64,7 +69,7 @@ def test_summary_values_and_empty_pair_conventions():
 
 
 def test_group_with_only_empty_pairs_has_zero_ciou():
-  m = metrics.SegmentationMetrics(cross=None)
+  m = metrics.SegmentationMetrics(crosses=())
   m.add(np.zeros((3, 3), bool), np.zeros((3, 3), bool), level="concept")
   res = m.result()
   assert res["all"]["cIoU"] == 0.0 and res["all"]["gIoU"] == 0.0
@@ -75,3 +80,78 @@ def test_group_with_only_empty_pairs_has_zero_ciou():
 def test_add_counts_rejects_impossible_counts():
   with pytest.raises(ValueError, match="intersection <= union"):
     metrics.SegmentationMetrics().add_counts(5, 3)
+
+
+class _DrawnMasks(nnx.Module):
+  """One query, always kept, whose mask logits are the image's first channel at level "simple"
+  and negative everywhere at "complex": the test draws the predictions into the images."""
+
+  def __call__(self, images, tokens, level):
+    b = images.shape[0]
+    logits = images[..., 0] if level == "simple" else -jnp.ones(images.shape[:3])
+    return {"pred_logits": jnp.full((b, 1, 1), 10.0), "pred_boxes": jnp.full((b, 1, 4), 0.5),
+            "pred_masks": logits[:, None], "presence_logit": jnp.full((b, 1), 10.0)}
+
+
+def _eval_batch():
+  """4 samples (and a padding example) with known counts at level "simple":
+  object in A: I=10, U=30; object in B: I=U=20; part in A: I=10, U=20; unknown kind in A: I=0,
+  U=20. At level "complex" nothing is predicted, so I=0, U=20 for each."""
+  gt = [box_mask(2, 6, 0, 5), box_mask(0, 4, 0, 5), box_mask(0, 4, 0, 5), box_mask(0, 4, 0, 5),
+        box_mask(0, 4, 0, 5)]
+  pred = [box_mask(0, 4, 0, 5), box_mask(0, 4, 0, 5), box_mask(0, 2, 0, 5),
+          np.zeros((10, 10), bool), np.ones((10, 10), bool)]
+  image = np.zeros((5, 10, 10, 3), np.float32)
+  image[..., 0] = np.where(np.stack(pred), 1.0, -1.0)
+  rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode("ascii")
+          for m in gt]
+  tokens = np.ones((5, 4), np.int32)
+  return {
+      "image": image, "tokens_simple": tokens, "tokens_complex": tokens,
+      "orig_size": np.full((5, 2), 10, np.int32), "datapoint_id": np.arange(5, dtype=np.int64),
+      "example_valid": np.array([True, True, True, True, False]),
+      "text": {"dataset": np.array(["A", "B", "A", "A", ""]),
+               "kind": np.array(["object", "object", "part", "", ""]),
+               "ground_truth": np.array(rles), "simple": np.array(["s"] * 5),
+               "complex": np.array(["c"] * 5)}}
+
+
+def test_evaluate_groups_by_kind_and_level_with_known_values():
+  results = evaluate_lib.evaluate(_DrawnMasks(), [_eval_batch()], levels=("simple", "complex"),
+                                  datasets=("A", "B"), log=lambda _: None)
+  expected = {  # (count, gIoU, cIoU) from the counts in _eval_batch
+      "all": (8, 100 * (1 / 3 + 1 + 1 / 2) / 8, 100 * 40 / 170),
+      "kind=object": (4, 100 * (1 / 3 + 1) / 4, 100 * 30 / 90),
+      "kind=part": (2, 100 * (1 / 2) / 2, 100 * 10 / 40),
+      "level=simple/kind=object": (2, 100 * (1 / 3 + 1) / 2, 100 * 30 / 50),
+      "level=simple/kind=part": (1, 50.0, 50.0),
+      "level=complex/kind=object": (2, 0.0, 0.0),
+      "level=complex/kind=part": (1, 0.0, 0.0),
+      "level=simple/dataset=A": (3, 100 * (1 / 3 + 1 / 2) / 3, 100 * 20 / 70),
+      "dataset=B": (2, 100 * 1 / 2, 100 * 20 / 40),
+  }
+  for group, (count, giou, ciou) in expected.items():
+    assert results[group]["count"] == count, group
+    np.testing.assert_allclose(results[group]["gIoU"], giou, err_msg=group)
+    np.testing.assert_allclose(results[group]["cIoU"], ciou, err_msg=group)
+  assert results["level=simple/kind=part"]["P@0.5"] == 100.0
+  # the unknown kind gives no group; every group is one of the documented forms
+  kinds = {g for g in results if "kind=" in g}
+  assert kinds == {f"{p}kind={k}" for p in ("", "level=simple/", "level=complex/")
+                   for k in ("object", "part")}
+  table = evaluate_lib.format_table(results).splitlines()
+  assert next(line for line in table if line.startswith("kind=part ")).split() == [
+      "kind=part", "2", "25.00", "25.00", "50.00", "25.00"]
+  assert len(table) == len(results) + 1
+
+
+def test_evaluate_knows_every_kind_the_reader_gives():
+  reader_kinds = {hmpl.category_kind(name) for name in ("mug", "mug:handle")}
+  assert reader_kinds == set(evaluate_lib.TARGET_KINDS)
+
+
+def test_evaluate_rejects_an_unknown_kind_name():
+  batch = _eval_batch()
+  batch["text"]["kind"][0] = "piece"
+  with pytest.raises(ValueError, match="'piece'"):
+    evaluate_lib.evaluate(_DrawnMasks(), [batch], levels=("simple",), log=lambda _: None)

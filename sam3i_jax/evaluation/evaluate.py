@@ -3,9 +3,12 @@
 For each sample and level: one forward pass (jit-compiled per level), post-processing as
 DESIGN.md 2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, masks resized to the
 original image), the kept masks combined by the `union` (HMPL, Ref-ZOM) or `top1` (RefCOCO) rule,
-compared with the OR of all the datapoint's annotations. Metrics per level, per dataset (subset)
-and per level x dataset (`sam3i_jax.evaluation.metrics`). With several processes, each evaluates
-its share and the per-sample counts are gathered before the metrics are computed.
+compared with the OR of all the datapoint's annotations. Metrics (`sam3i_jax.evaluation.metrics`)
+per level, per dataset (subset), per target kind (object / part, the paper's breakdown; the
+reader's rule is in `input_pipeline.hmpl`), per level x dataset and per level x kind. Samples of
+unknown kind (files without categories, RefCOCO-style sets) count in every group but the kind
+ones. With several processes, each evaluates its share and the per-sample rows are gathered
+before the metrics are computed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.preprocess import denormalize
 
 HOST_KEY = "text"  # input_pipeline.transforms.HOST_KEY (not imported: the package stays light)
+TARGET_KINDS = ("object", "part")  # what input_pipeline.hmpl.category_kind gives; "" = unknown
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit")
+# One gathered row per sample and level: counts, then indices into levels / datasets / kinds.
+ROW_COLUMNS = ("intersection", "union", "level", "dataset", "kind")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "level"))
@@ -40,17 +46,24 @@ def decode_ground_truth(rle: str, height: int, width: int) -> np.ndarray:
                            "counts": str(rle).encode("ascii")}).astype(bool)
 
 
-def _gather_samples(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
-  """(N, 4) int64 rows (intersection, union, level index, dataset index) of every process."""
-  local = np.asarray(rows, np.int64).reshape(-1, 4)
+def _gather_samples(rows: list[tuple[int, ...]]) -> np.ndarray:
+  """(N, len(ROW_COLUMNS)) int64: the rows of every process."""
+  local = np.asarray(rows, np.int64).reshape(-1, len(ROW_COLUMNS))
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils
   counts = multihost_utils.process_allgather(np.asarray([len(local)]))
-  padded = np.zeros((int(counts.max()), 4), np.int64)
+  padded = np.zeros((int(counts.max()), len(ROW_COLUMNS)), np.int64)
   padded[:len(local)] = local
   gathered = multihost_utils.process_allgather(padded)
   return np.concatenate([g[:int(n)] for g, n in zip(gathered, counts.reshape(-1))])
+
+
+def _kind_index(kind: str) -> int:
+  """0 for an unknown kind (""), else 1 + its index in TARGET_KINDS."""
+  if kind and kind not in TARGET_KINDS:
+    raise ValueError(f"target kind {kind!r} is not one of {TARGET_KINDS} or ''")
+  return TARGET_KINDS.index(kind) + 1 if kind else 0
 
 
 def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Sequence[str],
@@ -59,19 +72,22 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
              from_device: Callable[[Any], Any] = jax.device_get,
              image_dir: str | None = None, num_images: int = 0,
              log: Callable[[str], Any] = print) -> dict[str, dict[str, float]]:
-  """-> metrics by group ("all", "level=simple", "dataset=...", "level=.../dataset=...").
+  """-> metrics by group: "all", "level=simple", "dataset=...", "kind=object", "kind=part",
+  "level=.../dataset=..." and "level=.../kind=...". Samples of unknown kind ("") are in no kind
+  group; a kind that no sample has gives no group.
 
-  batches: eval batches of the input pipeline (with the host strings under "text"; padding
-    examples have example_valid False). `datasets`: the dataset names, in a fixed order shared
-    by all processes (they index the gathered counts). `to_device`: turns a host batch's arrays
-    into (global) device arrays; None = as they are. `from_device`: the model outputs -> this
-    process's rows as numpy (multi-host: `multihost_utils.global_array_to_host_local_array`). `image_dir`, `num_images`: PNG overlays of
-    the first predictions per level (process 0 only).
+  batches: eval batches of the input pipeline (with the host strings, dataset name and target
+    kind under "text"; padding examples have example_valid False). `datasets`: the dataset
+    names, in a fixed order shared by all processes (they index the gathered rows).
+    `to_device`: turns a host batch's arrays into (global) device arrays; None = as they are.
+    `from_device`: the model outputs -> this process's rows as numpy (multi-host:
+    `multihost_utils.global_array_to_host_local_array`). `image_dir`, `num_images`: PNG
+    overlays of the first predictions per level (process 0 only).
   """
   model.eval()
   graphdef, state = nnx.split(model)
   dataset_index = {name: i for i, name in enumerate(datasets)}
-  rows: list[tuple[int, int, int, int]] = []
+  rows: list[tuple[int, ...]] = []
   drawn = {level: 0 for level in levels}
   start, seen = time.time(), 0
   for batch_number, batch in enumerate(batches):
@@ -94,7 +110,8 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
         name = str(host["dataset"][i])
         if name not in dataset_index:
           dataset_index[name] = len(dataset_index)
-        rows.append((inter, union, level_number, dataset_index[name]))
+        rows.append((inter, union, level_number, dataset_index[name],
+                     _kind_index(str(host["kind"][i]))))
         if image_dir and drawn[level] < num_images and jax.process_index() == 0:
           _draw(image_dir, level, str(host[level][i]), batch["image"][i], (height, width),
                 detections, int(batch["datapoint_id"][i]))
@@ -104,10 +121,12 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
       log(f"  eval: {batch_number + 1} batches, {seen} samples, "
           f"{seen / (time.time() - start):.1f} samples/s")
   names = {i: n for n, i in dataset_index.items()}
-  accumulator = metrics_lib.SegmentationMetrics(cross=("level", "dataset"))
-  for inter, union, level_number, dataset in _gather_samples(rows):
-    accumulator.add_counts(int(inter), int(union), level=levels[int(level_number)],
-                           dataset=names.get(int(dataset), str(dataset)))
+  accumulator = metrics_lib.SegmentationMetrics(crosses=(("level", "dataset"), ("level", "kind")))
+  for inter, union, level_number, dataset, kind in _gather_samples(rows):
+    tags = {"level": levels[int(level_number)], "dataset": names.get(int(dataset), str(dataset))}
+    if kind:
+      tags["kind"] = TARGET_KINDS[int(kind) - 1]
+    accumulator.add_counts(int(inter), int(union), **tags)
   return accumulator.result()
 
 

@@ -14,7 +14,7 @@ All three are percentages, as in the paper's tables.
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -69,12 +69,13 @@ class SegmentationMetrics:
   """Accumulates per-sample intersections/unions with tags; reports every tag group.
 
   Tags are strings such as level="simple", subset="1toN", kind="part". `result()` returns
-  the overall numbers under "all", each single tag under "level=simple", and the pairs of
-  `cross` tags (by default level x subset) under "level=simple/subset=1toN".
+  the overall numbers under "all", each single tag under "level=simple", and each pair of tags
+  in `crosses` (by default level x subset) under "level=simple/subset=1toN". A sample that lacks
+  a tag is in no group of that tag.
   """
 
-  def __init__(self, cross: tuple[str, str] | None = ("level", "subset")):
-    self.cross = cross
+  def __init__(self, crosses: Sequence[tuple[str, str]] = (("level", "subset"),)):
+    self.crosses = tuple(crosses)
     self.samples: list[tuple[int, int, dict[str, str]]] = []
 
   def add(self, pred: np.ndarray, target: np.ndarray, **tags: str) -> float:
@@ -92,8 +93,8 @@ class SegmentationMetrics:
     groups: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for inter, union, tags in self.samples:
       keys = ["all"] + [f"{k}={v}" for k, v in sorted(tags.items())]
-      if self.cross and all(k in tags for k in self.cross):
-        keys.append("/".join(f"{k}={tags[k]}" for k in self.cross))
+      keys += ["/".join(f"{k}={tags[k]}" for k in cross) for cross in self.crosses
+               if all(k in tags for k in cross)]
       for key in keys:
         groups[key].append((inter, union))
     return {key: summarize(*zip(*pairs)) for key, pairs in sorted(groups.items())}
