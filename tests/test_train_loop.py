@@ -29,6 +29,7 @@ def smoke_config(workdir, cache_dir, **train):
   config.eval.levels = ("simple",)
   config.eval.max_batches = 1
   config.eval.num_images = 1
+  config.eval.before_training = True
   config.data.batch_size = config.train.global_batch = 4
   config.lock()
   return config
@@ -56,6 +57,11 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
   assert sorted(train_log(resumed)) == [1, 2]
   results = loop.run(smoke_config(resumed, cache))
   assert results["stage1"]["all"]["count"] > 0
+  # The initial evaluation ran once, before the first step, and is not redone on resume.
+  evals = [row for row in map(json.loads, open(resumed / "metrics.jsonl")) if row["kind"] == "eval"]
+  assert [row["step"] for row in evals] == [0, 4] and results[loop.INITIAL] == first[loop.INITIAL]
+  table = loop.progress_table(results).splitlines()
+  assert table[1].split() == ["level", loop.INITIAL, "stage1"] and table[2].startswith("simple")
   want, got = train_log(straight), train_log(resumed)
   assert sorted(got) == [1, 2, 3, 4]
   for step in (3, 4):

@@ -7,7 +7,9 @@ Layout of `workdir`:
   stage{N}/predictions/   PNG overlays of evaluation predictions
   tensorboard/            TensorBoard event files (tensorboardX)
   metrics.jsonl           every logged step and evaluation, one JSON object a line
-  metrics.json            the evaluation results per stage
+  metrics.json            the evaluation results per stage (and "initial": before training,
+                          with `eval.before_training`)
+  initial/predictions/    PNG overlays of that initial evaluation
 A stage whose `final/` exists is complete and is skipped on restart; an interrupted stage resumes
 from its latest checkpoint, data iterator included, and continues exactly as if uninterrupted.
 """
@@ -41,6 +43,7 @@ from sam3i_jax.train.checkpoints import Checkpoints, abstract_with_shardings
 from sam3i_jax.train.step import StepConfig, Trainer
 
 FINAL_DIR = "final"
+INITIAL = "initial"  # results key (and folder) of the evaluation before any training
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -148,9 +151,9 @@ def _finite(metrics: dict[str, Any]) -> bool:
 
 
 def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
-                ) -> nnx.Module | None:
-  """Trains one stage to its end (-> the model, eval mode) or until `stop_after_steps` (-> None,
-  after saving a checkpoint)."""
+                ) -> tuple[nnx.Module | None, int]:
+  """Trains one stage to its end (-> the model, eval mode, and the stage's step count) or until
+  `stop_after_steps` (-> None and the step reached, after saving a checkpoint)."""
   settings = config.stage_settings[f"stage{stage}"]
   data_axes = ("data", "fsdp")
   data = stage_data_config(config, stage, _host_batch_size(config))
@@ -219,21 +222,22 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
   if step < num_steps:
     _log(f"stage {stage}: stopped at step {step}/{num_steps} (stop_after_steps); checkpoint in "
          f"{checkpoints.directory}; run again to resume")
-    return None
+    return None, step
   model = trainer.model()
   model.eval()
-  return model
+  return model, step
 
 
 def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
-                   stage_dir: str) -> dict:
+                   stage_dir: str, what: str = "") -> dict:
   pipeline = input_pipeline.eval_pipeline(config.data, model.config)
   batches = pipeline.iterator()
   limit = config.eval.max_batches or pipeline.num_batches
   levels = tuple(config.eval.levels)
   if stage == 0:
     levels = ("concept",)  # the adapters are untrained before stage 1
-  _log(f"stage {stage}: evaluating {levels} on {pipeline.lengths} ({limit} batches)")
+  _log(f"stage {stage}: evaluating {what or 'the model'} at {levels} on {pipeline.lengths} "
+       f"({limit} batches)")
   results = evaluate(
       model, (batch for _, batch in zip(range(limit), batches)), levels=levels,
       combine=config.eval.combine, threshold=config.eval.threshold,
@@ -279,18 +283,45 @@ def run(config: ml_collections.ConfigDict) -> dict:
         continue
       model = model if model is not None else initial_model(config)
       enter_stage(model, stage, previous)
-      model = train_stage(config, model, stage, mesh, log, stage_dir)
+      if (config.eval.before_training and INITIAL not in results
+          and not os.path.isdir(os.path.join(stage_dir, "checkpoints"))):
+        results[INITIAL] = run_evaluation(config, model, mesh, stage, 0, log,
+                                          os.path.join(workdir, INITIAL),
+                                          what="the initial model (before any training)")
+        _write_results(results, results_path)
+      model, step = train_stage(config, model, stage, mesh, log, stage_dir)
       if model is None:
         return results
-      results[f"stage{stage}"] = run_evaluation(config, model, mesh, stage, 0, log, stage_dir)
+      results[f"stage{stage}"] = run_evaluation(config, model, mesh, stage, step, log, stage_dir)
       if jax.process_index() == 0:
         save_pretrained(model, model.config, final, vocab_path=find_vocab(config.data.vocab_path),
                         report={"stage": stage})
-        with open(results_path, "w") as f:
-          json.dump(results, f, indent=2)
+      _write_results(results, results_path)
       previous = stage
   finally:
     log.close()
+  _log(progress_table(results))
   _log(f"done: checkpoints and final models under {workdir}/stage*/, metrics in {results_path}, "
        f"prediction images in {workdir}/stage*/predictions/")
   return results
+
+
+def _write_results(results: dict, path: str) -> None:
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+def progress_table(results: dict, metric: str = "gIoU") -> str:
+  """`metric` per level (rows) after each evaluated phase (columns: initial, stage0, ...)."""
+  phases = [p for p in (INITIAL, *sorted(k for k in results if k.startswith("stage")))
+            if p in results]
+  levels = sorted({group.split("=", 1)[1] for p in phases for group in results[p]
+                   if group.startswith("level=") and "/" not in group})
+  lines = [f"{metric} by level after each phase", f"{'level':10s}" + "".join(
+      f"{p:>10s}" for p in phases)]
+  for level in levels:
+    cells = [results[p].get(f"level={level}", {}).get(metric) for p in phases]
+    lines.append(f"{level:10s}" + "".join(
+        f"{c:10.2f}" if c is not None else f"{'-':>10s}" for c in cells))
+  return "\n".join(lines)
