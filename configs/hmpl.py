@@ -2,21 +2,17 @@
 `--config.<field>=<value>` (unknown fields are rejected).
 
 `arg` is a comma-separated list of a variant and key=value settings:
-  (none)     the released SAM3-I recipe: full-size model, bf16 compute, global batch 32, stage 1
-             (`stage=2`, `stage=3` for the next stages), the released ten-set mixture;
-  demo       SAM3-I's stages 1-3 on the generated demo set on CPU, starting, as the recipe starts
-             from SAM 3, from the demo's own tiny SAM 3 (`DEMO_SAM3_DIR`, made by demo_sam3);
-             evaluates before training and after each stage;
-  demo_sam3  stage 0: trains that tiny SAM 3 from scratch on the demo set's concept prompts
-             (about an hour on 2 CPU cores; only the demo needs it, see DESIGN.md 6);
-  smoke      the demo from a random tiny model, stages 0-3, a few steps each (tests, checks);
-  eval       evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
+  (none)   the released SAM3-I recipe: full-size model, bf16 compute, global batch 32, stage 1
+           (`stage=2`, `stage=3` for the next stages), the released ten-set mixture;
+  demo     the tiny model trained from scratch on the generated demo set on CPU, stages 0-3 in
+           one run (stage 0 pre-trains SAM 3 on concept prompts; see DESIGN.md 6), evaluated
+           before training and after each stage;
+  smoke    the demo, a few steps per stage (tests and quick checks);
+  eval     evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
 e.g. `configs/hmpl.py:stage=2`, `configs/hmpl.py:demo`, `configs/hmpl.py:eval,stage=3`.
 """
 
 from __future__ import annotations
-
-import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -24,12 +20,7 @@ from ml_collections import config_dict
 import input_pipeline
 from sam3i_jax.train import sharding
 
-VARIANTS = ("default", "demo", "demo_sam3", "smoke", "eval")
-DEMO_VARIANTS = ("demo", "demo_sam3", "smoke")
-# The demo's tiny SAM 3: the final model of `python main.py --config=configs/hmpl.py:demo_sam3`
-# (runs/demo_sam3/stage0/final), kept in the repository so that `make demo` takes minutes.
-DEMO_SAM3_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "assets", "demo_sam3_tiny")
+VARIANTS = ("default", "demo", "smoke", "eval")
 
 # Per-stage optimisation of the released recipe (base.yaml, sam3i_3_all.yaml): LR of the default
 # group (encoder/decoder adapters, mask predictors, projection head) and of the text-encoder
@@ -41,10 +32,10 @@ RELEASED_STAGES = {
 }
 # The demo's runs: a near-constant LR (a long inverse-sqrt timescale) between a warmup and a
 # cooldown; stage 0 trains SAM 3 itself from scratch on the concept prompts of the 1toAll set
-# (the only entries whose concept names exactly the targets). From scratch, 2e-3 diverges from
-# the boxes (every query collapses to one score); 3e-4 learns them.
+# (the only entries whose concept names exactly the targets). From scratch at 2e-3 the model
+# cannot even fit one batch (every query collapses to one score); at 3e-4 it can.
 DEMO_STAGES = {
-    0: dict(lr=3e-4, text_lr=3e-4, warmup_steps=30, cooldown_steps=600, timescale=2000,
+    0: dict(lr=3e-4, text_lr=3e-4, warmup_steps=30, cooldown_steps=100, timescale=2000,
             datasets=("HMPL-Instruct_1toAll",)),
     1: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
     2: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
@@ -81,15 +72,14 @@ def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, settings = _parse(arg)
-  demo = variant in DEMO_VARIANTS
+  demo = variant in ("demo", "smoke")
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.mode = "eval" if variant == "eval" else "train"
-  config.workdir = {"demo": "runs/demo", "demo_sam3": "runs/demo_sam3",
-                    "smoke": "runs/smoke"}.get(variant, "runs/hmpl")
+  config.workdir = "runs/demo" if demo else "runs/hmpl"
   config.seed = 123
   # A persistent XLA compilation cache (empty: off): reruns and resumed jobs skip compiling.
-  config.compilation_cache_dir = "runs/jax_cache" if demo else ""
+  config.compilation_cache_dir = "runs/demo/jax_cache" if demo else ""
 
   config.model = ml_collections.ConfigDict({
       "preset": "tiny" if demo else "full",
@@ -100,17 +90,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
   # A converted SAM 3 or SAM3-I directory (`python -m convert ...`) to start from; empty: random
   # init (only sensible for the demo's stage 0).
-  config.init = ml_collections.ConfigDict(
-      {"checkpoint": DEMO_SAM3_DIR if variant == "demo" else ""})
+  config.init = ml_collections.ConfigDict({"checkpoint": ""})
 
   # The stages run in order, each starting from the previous one's final state (stage 2 applies
   # the adapter migration first).
-  config.stages = {"demo": (1, 2, 3), "demo_sam3": (0,), "smoke": (0, 1, 2, 3)}.get(
-      variant, (int(settings.get("stage", 1)),))
+  config.stages = (0, 1, 2, 3) if demo else (int(settings.get("stage", 1)),)
   config.stage_settings = ml_collections.ConfigDict(
       {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
   if demo:
-    steps = {0: 4, 1: 3, 2: 3, 3: 3} if variant == "smoke" else {0: 4000, 1: 250, 2: 250, 3: 150}
+    steps = {0: 800, 1: 250, 2: 250, 3: 150} if variant == "demo" else {0: 4, 1: 3, 2: 3, 3: 3}
     config.stage_settings = ml_collections.ConfigDict(
         {f"stage{stage}": _stage(**values, steps=steps[stage])
          for stage, values in DEMO_STAGES.items()})
@@ -127,9 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # loss_ce's normaliser: B * max(Q, this) as released; 0 = B * Q (the demo's 16 queries).
       "loss_pad_queries": 0 if demo else 200,
       "log_every": 25 if demo else 50,
-      "checkpoint_every": 500 if demo else 2000,
+      "checkpoint_every": 200 if demo else 2000,
       "keep_checkpoints": 2 if demo else 3,
-      "eval_every": 1000 if variant == "demo_sam3" else 0,  # steps; 0 = at each stage's end
+      "eval_every": 0,  # steps; 0 = at the end of each stage
       # Stop this run after this many steps (a checkpoint is saved; running again resumes),
       # e.g. to fit a job's time limit; 0 = run the stages to the end.
       "stop_after_steps": 0,
@@ -147,8 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "threshold": 0.5,
       "max_batches": config_dict.placeholder(int),
       "num_images": 8,  # prediction PNGs written per level
-      # Also evaluate the model before the first stage trains (the untrained adapters: SAM 3's
-      # answers at every level), so the gains of training are measured in the same run.
+      # Also evaluate the model before the first stage trains, at every level, so that the
+      # gains of training are measured in the same run.
       "before_training": variant == "demo",
   })
 

@@ -111,6 +111,7 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   config = smoke_config(workdir, tmp_path / "jax_cache")
   config.unlock()
   config.train.checkpoint_every = 1
+  config.eval.before_training = False  # its batches would go through make_global_batch too
   config.lock()
   with pytest.raises(loop.NonFiniteLossError, match=r"stage 1 step 3: loss nan") as error:
     loop.run(config)

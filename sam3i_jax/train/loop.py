@@ -229,13 +229,15 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
 
 
 def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
-                   stage_dir: str, what: str = "") -> dict:
+                   stage_dir: str, what: str = "", all_levels: bool = False) -> dict:
+  """Evaluates at the config's levels; after stage 0 at the concept level only (the adapters
+  are untrained before stage 1) unless `all_levels`."""
   pipeline = input_pipeline.eval_pipeline(config.data, model.config)
   batches = pipeline.iterator()
   limit = config.eval.max_batches or pipeline.num_batches
   levels = tuple(config.eval.levels)
-  if stage == 0:
-    levels = ("concept",)  # the adapters are untrained before stage 1
+  if stage == 0 and not all_levels:
+    levels = ("concept",)
   _log(f"stage {stage}: evaluating {what or 'the model'} at {levels} on {pipeline.lengths} "
        f"({limit} batches)")
   results = evaluate(
@@ -287,7 +289,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
           and not os.path.isdir(os.path.join(stage_dir, "checkpoints"))):
         results[INITIAL] = run_evaluation(config, model, mesh, stage, 0, log,
                                           os.path.join(workdir, INITIAL),
-                                          what="the initial model (before any training)")
+                                          what="the initial model (before any training)",
+                                          all_levels=True)
         _write_results(results, results_path)
       model, step = train_stage(config, model, stage, mesh, log, stage_dir)
       if model is None:
