@@ -51,7 +51,6 @@ MID_SIZES = dict(img_size=448, pretrain_img_size=224, vit_dim=512, vit_depth=8, 
                  window_size=16, global_att_blocks=(3, 7), text_width=512, text_heads=8,
                  text_layers=12)
 MESH_DEVICES = 8
-WORKER_TIMEOUT_S = 15 * 60
 # Global batch of the throughput runs. The mid model's step at batch 8 needs 14 GB (stage 1) and
 # 26 GB (stage 3) of XLA temp memory on CPU, mostly the fusion encoder's attention logits,
 # weights and dropout masks ((B, 8, 1024, 1024) per layer, kept for the backward pass).
@@ -297,12 +296,13 @@ def _print_memory(runs: list[dict]) -> None:
           f"{r['compile_s']:9.1f} {r['peak_rss_gb']:7.2f}")
 
 
-def _run(args: list[str], description: dict, env: dict[str, str] | None = None) -> dict:
+def _run(args: list[str], description: dict, timeout_s: float,
+         env: dict[str, str] | None = None) -> dict:
   """One worker's record, or `description` with the error if it failed or ran out of time."""
   print(f"running {description} ...", flush=True)
   start, load = time.time(), os.getloadavg()[0]  # the machine may be shared: load slows a run
   try:
-    result = common.run_worker(__file__, args, env=env, timeout=WORKER_TIMEOUT_S)
+    result = common.run_worker(__file__, args, env=env, timeout=timeout_s)
   except Exception as error:  # noqa: BLE001  (a failed configuration is a result to report)
     result = {**description, "error": f"{type(error).__name__}: {error}"[-4000:]}
   result.update(wall_s=time.time() - start, load_average_1min=[load, os.getloadavg()[0]],
@@ -334,6 +334,8 @@ def main() -> None:
                       help="target slots T (0: the released config's 200)")
   parser.add_argument("--fast-compile", action="store_true",
                       help="compile the memory runs with FAST_COMPILE (LLVM passes off)")
+  parser.add_argument("--timeout-minutes", type=float, default=15,
+                      help="per worker (one configuration); the full-size compile is the slow one")
   parser.add_argument("--output", default=os.path.join(common.ROOT, "benchmarks", "results",
                                                        "train_step.json"))
   parser.add_argument("--worker", choices=("throughput", "memory"), help=argparse.SUPPRESS)
@@ -369,7 +371,7 @@ def main() -> None:
     record["throughput"].append(_run(
         ["--worker", "throughput", "--model", model, "--stage", str(stage), "--global-batch",
          str(THROUGHPUT_BATCH[model]), "--steps", str(args.steps), "--warmup", str(args.warmup)],
-        {"model": model, "stage": stage}))
+        {"model": model, "stage": stage}, args.timeout_minutes * 60))
   simulated = {"XLA_FLAGS": " ".join(filter(None, [
       os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={MESH_DEVICES}"])),
       "JAX_PLATFORMS": "cpu"}
@@ -382,7 +384,7 @@ def main() -> None:
            *(["--fast-compile"] if args.fast_compile else [])],
           {"preset": args.memory_preset, "stage": args.memory_stage,
            "mesh": dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))),
-           "global_batch": global_batch}, env=simulated))
+           "global_batch": global_batch}, args.timeout_minutes * 60, env=simulated))
   record["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
   if record["throughput"]:
     _print_throughput(record["throughput"])

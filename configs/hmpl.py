@@ -2,17 +2,21 @@
 `--config.<field>=<value>` (unknown fields are rejected).
 
 `arg` is a comma-separated list of a variant and key=value settings:
-  (none)   the released SAM3-I recipe: full-size model, bf16 compute, global batch 32, stage 1
-           (`stage=2`, `stage=3` for the next stages), the released ten-set mixture;
-  demo     the tiny model trained from scratch on the generated demo set on CPU, stages 0-3 in
-           one run (stage 0 pre-trains SAM 3 on concept prompts; see DESIGN.md 6), evaluated
-           before training and after each stage;
-  smoke    the demo, a few steps per stage (tests and quick checks);
-  eval     evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
+  (none)     the released SAM3-I recipe: full-size model, bf16 compute, global batch 32, stage 1
+             (`stage=2`, `stage=3` for the next stages), the released ten-set mixture;
+  demo       SAM3-I's stages 1-3 on the generated demo set on CPU, starting (as the recipe starts
+             from SAM 3) from the demo's own tiny SAM 3 in `DEMO_SAM3_DIR`; evaluated before
+             training and after each stage;
+  demo_sam3  stage 0, which made that tiny SAM 3: trained from scratch on the demo set's concept
+             prompts (~50 min on 2 CPU cores; only the demo needs it, see DESIGN.md 6);
+  smoke      stages 0-3 from a random tiny model, a few steps each (tests and quick checks);
+  eval       evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
 e.g. `configs/hmpl.py:stage=2`, `configs/hmpl.py:demo`, `configs/hmpl.py:eval,stage=3`.
 """
 
 from __future__ import annotations
+
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -20,7 +24,12 @@ from ml_collections import config_dict
 import input_pipeline
 from sam3i_jax.train import sharding
 
-VARIANTS = ("default", "demo", "smoke", "eval")
+VARIANTS = ("default", "demo", "demo_sam3", "smoke", "eval")
+DEMO_VARIANTS = ("demo", "demo_sam3", "smoke")
+# The demo's tiny SAM 3: the final model of `python main.py --config=configs/hmpl.py:demo_sam3`
+# (runs/demo_sam3/stage0/final), kept in the repository so that `make demo` takes minutes.
+DEMO_SAM3_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "assets", "demo_sam3_tiny")
 
 # Per-stage optimisation of the released recipe (base.yaml, sam3i_3_all.yaml): LR of the default
 # group (encoder/decoder adapters, mask predictors, projection head) and of the text-encoder
@@ -33,10 +42,13 @@ RELEASED_STAGES = {
 # The demo's runs: a near-constant LR (a long inverse-sqrt timescale) between a warmup and a
 # cooldown; stage 0 trains SAM 3 itself from scratch on the concept prompts of the 1toAll set
 # (the only entries whose concept names exactly the targets). From scratch at 2e-3 the model
-# cannot even fit one batch (every query collapses to one score); at 3e-4 it can.
+# cannot even fit one batch (every query collapses to one score); at 3e-4 it can. After 2000
+# steps its boxes are learned but every query still has about the same low score (the
+# IoU-aware target holds them there: concept gIoU 0 at the 0.5 threshold); 500 steps with
+# binary targets separate them (gIoU 55).
 DEMO_STAGES = {
-    0: dict(lr=3e-4, text_lr=3e-4, warmup_steps=30, cooldown_steps=100, timescale=2000,
-            datasets=("HMPL-Instruct_1toAll",)),
+    0: dict(lr=3e-4, text_lr=3e-4, warmup_steps=30, cooldown_steps=300, timescale=2000,
+            datasets=("HMPL-Instruct_1toAll",), binary_targets_from_step=2000),
     1: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
     2: dict(lr=3e-3, text_lr=1e-3, warmup_steps=10, cooldown_steps=50, timescale=2000),
     3: dict(lr=1e-3, text_lr=3e-4, warmup_steps=10, cooldown_steps=30, timescale=2000),
@@ -44,14 +56,18 @@ DEMO_STAGES = {
 
 
 def _stage(lr, text_lr, warmup_steps, cooldown_steps, timescale=3, epochs=None, steps=None,
-           datasets=None):
+           datasets=None, binary_targets_from_step=None):
   return ml_collections.ConfigDict({
       "lr": lr, "text_lr": text_lr, "warmup_steps": warmup_steps,
       "cooldown_steps": cooldown_steps, "timescale": timescale,
       "epochs": config_dict.placeholder(int) if epochs is None else epochs,
       "steps": config_dict.placeholder(int) if steps is None else steps,
       # Restrict this stage's training data to some of the mixture's datasets (by name).
-      "datasets": config_dict.placeholder(tuple) if datasets is None else datasets})
+      "datasets": config_dict.placeholder(tuple) if datasets is None else datasets,
+      # From this step on, the classification loss targets 1 for matched queries instead of
+      # SAM 3's IoU-aware target (`detection_loss(iou_aware_targets=False)`); None: never.
+      "binary_targets_from_step": config_dict.placeholder(int)
+      if binary_targets_from_step is None else binary_targets_from_step})
 
 
 def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
@@ -72,14 +88,15 @@ def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, settings = _parse(arg)
-  demo = variant in ("demo", "smoke")
+  demo = variant in DEMO_VARIANTS
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.mode = "eval" if variant == "eval" else "train"
-  config.workdir = "runs/demo" if demo else "runs/hmpl"
+  config.workdir = {"demo": "runs/demo", "demo_sam3": "runs/demo_sam3",
+                    "smoke": "runs/smoke"}.get(variant, "runs/hmpl")
   config.seed = 123
   # A persistent XLA compilation cache (empty: off): reruns and resumed jobs skip compiling.
-  config.compilation_cache_dir = "runs/demo/jax_cache" if demo else ""
+  config.compilation_cache_dir = "runs/jax_cache" if demo else ""
 
   config.model = ml_collections.ConfigDict({
       "preset": "tiny" if demo else "full",
@@ -90,15 +107,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
   # A converted SAM 3 or SAM3-I directory (`python -m convert ...`) to start from; empty: random
   # init (only sensible for the demo's stage 0).
-  config.init = ml_collections.ConfigDict({"checkpoint": ""})
+  config.init = ml_collections.ConfigDict(
+      {"checkpoint": DEMO_SAM3_DIR if variant == "demo" else ""})
 
   # The stages run in order, each starting from the previous one's final state (stage 2 applies
   # the adapter migration first).
-  config.stages = (0, 1, 2, 3) if demo else (int(settings.get("stage", 1)),)
+  config.stages = {"demo": (1, 2, 3), "demo_sam3": (0,), "smoke": (0, 1, 2, 3)}.get(
+      variant, (int(settings.get("stage", 1)),))
   config.stage_settings = ml_collections.ConfigDict(
       {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
   if demo:
-    steps = {0: 800, 1: 250, 2: 250, 3: 150} if variant == "demo" else {0: 4, 1: 3, 2: 3, 3: 3}
+    steps = {0: 4, 1: 3, 2: 3, 3: 3} if variant == "smoke" else {0: 3000, 1: 250, 2: 250, 3: 150}
     config.stage_settings = ml_collections.ConfigDict(
         {f"stage{stage}": _stage(**values, steps=steps[stage])
          for stage, values in DEMO_STAGES.items()})
@@ -115,9 +134,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # loss_ce's normaliser: B * max(Q, this) as released; 0 = B * Q (the demo's 16 queries).
       "loss_pad_queries": 0 if demo else 200,
       "log_every": 25 if demo else 50,
-      "checkpoint_every": 200 if demo else 2000,
+      "checkpoint_every": 500 if demo else 2000,
       "keep_checkpoints": 2 if demo else 3,
-      "eval_every": 0,  # steps; 0 = at the end of each stage
+      "eval_every": 500 if variant == "demo_sam3" else 0,  # steps; 0 = at each stage's end
       # Stop this run after this many steps (a checkpoint is saved; running again resumes),
       # e.g. to fit a job's time limit; 0 = run the stages to the end.
       "stop_after_steps": 0,
@@ -135,8 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "threshold": 0.5,
       "max_batches": config_dict.placeholder(int),
       "num_images": 8,  # prediction PNGs written per level
-      # Also evaluate the model before the first stage trains, at every level, so that the
-      # gains of training are measured in the same run.
+      # Also evaluate the model before the first stage trains, at every level (the demo: its
+      # SAM 3 with untrained adapters), so that the gains of training are measured in one run.
       "before_training": variant == "demo",
   })
 

@@ -17,7 +17,7 @@ from sam3.train.loss import loss_fns, sam3_loss
 from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
-from sam3i_jax.losses import functional
+from sam3i_jax.losses import detection, functional
 from sam3i_jax.losses.detection import DetectionTargets, detection_loss, resize_target_masks
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import abstract_model
@@ -337,3 +337,20 @@ def test_takes_the_model_training_outputs_and_differentiates_through_the_model()
     expected |= {f"{k}_aux_{i}" for k in layer_terms}
     expected |= {f"{k}_aux_{i}_o2m" for k in ("loss_ce", "loss_bbox", "loss_giou")}
   assert set(terms) == expected
+
+
+def test_binary_targets_give_matched_queries_target_one(monkeypatch):
+  """iou_aware_targets=False: every classification term is the IoU-aware one with each matched
+  query's target raised to 1 (the clamp's floor set to 1); nothing else changes."""
+  outputs, targets = make_batch(seed=5)
+  binary = detection_loss(outputs, targets, iou_aware_targets=False)[1]
+  iou_aware = detection_loss(outputs, targets)[1]
+  monkeypatch.setattr(detection, "IOU_AWARE_MIN_TARGET", 1.0)
+  floor_one = detection_loss(outputs, targets)[1]
+  assert binary.keys() == iou_aware.keys()
+  for name, value in binary.items():
+    np.testing.assert_allclose(float(value), float(floor_one[name]), rtol=1e-6, err_msg=name)
+    if name.startswith("loss_ce") and float(iou_aware[name]) > 0:
+      assert abs(float(value) - float(iou_aware[name])) > 1e-4 * abs(float(value)), name
+    elif not name.startswith("loss_ce"):
+      assert float(value) == float(iou_aware[name]), name

@@ -25,6 +25,7 @@ def smoke_config(workdir, cache_dir, **train):
   config.compilation_cache_dir = str(cache_dir)
   config.stages = (1,)
   config.stage_settings.stage1.steps = 4
+  config.stage_settings.stage1.binary_targets_from_step = 3  # a recompiled step mid-stage
   config.train.update(log_every=1, checkpoint_every=2, **train)
   config.eval.levels = ("simple",)
   config.eval.max_batches = 1
@@ -47,15 +48,17 @@ def trainable_params(workdir):
 
 
 @pytest.mark.xdist_group("train_loop")
-def test_stop_and_resume_equals_uninterrupted_run(tmp_path):
+def test_stop_and_resume_equals_uninterrupted_run(tmp_path, capsys):
   cache = tmp_path / "jax_cache"
   straight = tmp_path / "straight"
   loop.run(smoke_config(straight, cache))
+  assert "stage 1 step 3: binary classification targets from here on" in capsys.readouterr().out
   resumed = tmp_path / "resumed"
   first = loop.run(smoke_config(resumed, cache, stop_after_steps=2))
   assert "stage1" not in first and not os.path.exists(resumed / "stage1" / loop.FINAL_DIR)
   assert sorted(train_log(resumed)) == [1, 2]
   results = loop.run(smoke_config(resumed, cache))
+  assert "step 3: binary classification targets" in capsys.readouterr().out
   assert results["stage1"]["all"]["count"] > 0
   # The initial evaluation ran once, before the first step, and is not redone on resume.
   evals = [row for row in map(json.loads, open(resumed / "metrics.jsonl")) if row["kind"] == "eval"]

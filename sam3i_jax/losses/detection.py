@@ -223,8 +223,10 @@ def _box_terms(out: Outputs, tg: _Targets, assign: jax.Array) -> dict[str, jax.A
 
 
 def _classification_terms(out: Outputs, tg: _Targets, assign: jax.Array,
-                          pad_num_queries: int | None) -> dict[str, jax.Array]:
-  """IABCEMdetr: IoU-aware BCE over all queries, and the presence focal loss if predicted."""
+                          pad_num_queries: int | None,
+                          iou_aware: bool = True) -> dict[str, jax.Array]:
+  """IABCEMdetr: IoU-aware BCE over all queries, and the presence focal loss if predicted.
+  `iou_aware=False`: a matched query's target is 1 (see `detection_loss`)."""
   logits = out["pred_logits"][..., 0]  # (B, Q)
   batch, num_queries = logits.shape
   prob = jax.nn.sigmoid(logits)
@@ -234,6 +236,8 @@ def _classification_terms(out: Outputs, tg: _Targets, assign: jax.Array,
              * iou ** (1 - IOU_AWARE_ALPHA))
   slot = jnp.argmax(jnp.where(assign, jnp.arange(assign.shape[-1]), -1), axis=-1)
   soft_target = jnp.take_along_axis(quality, slot[..., None], axis=-1)[..., 0]
+  if not iou_aware:
+    soft_target = jnp.ones_like(soft_target)
   soft_target = jax.lax.stop_gradient(
     jnp.where(positive, jnp.maximum(soft_target, IOU_AWARE_MIN_TARGET), 0.0))
   loss = jnp.where(
@@ -288,7 +292,8 @@ def _semantic_terms(semantic_seg: jax.Array, tg: _Targets, mask_size: Sequence[i
 def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, jax.Array], *,
                    weights: LossWeights = LossWeights(), num_replicas: int = 1,
                    pad_num_queries: int | None = PAD_NUM_QUERIES,
-                   scale_by_batch_size: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   scale_by_batch_size: bool = True,
+                   iou_aware_targets: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SAM 3's training loss of one prompt branch (see the module docstring).
 
   Args:
@@ -302,6 +307,10 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
       into (contiguous groups of B / R prompts); B must be divisible by R.
     pad_num_queries: loss_ce divides by B * max(Q, pad_num_queries) (None: B * Q).
     scale_by_batch_size: multiply the total by sqrt(B / R).
+    iou_aware_targets: False gives a matched query the target 1 instead of p^0.25 IoU^0.75 (not
+      in the reference). A model trained from scratch settles, while its boxes are still poor,
+      on one low score for every query under the IoU-aware target; binary targets separate the
+      matched queries (the demo's own SAM 3 pre-training uses them once its boxes are learned).
 
   Returns:
     (total, terms): float32 scalars; terms by reference name (one-to-many terms include the o2m
@@ -329,8 +338,8 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
   branches = _branches(outputs, weights.o2m)
   for branch, assign in zip(branches, _assignments(branches, tg)):
     add(_box_terms(branch.out, tg, assign), branch.suffix, branch.weight)
-    add(_classification_terms(branch.out, tg, assign, pad_num_queries), branch.suffix,
-        branch.weight)
+    add(_classification_terms(branch.out, tg, assign, pad_num_queries, iou_aware_targets),
+        branch.suffix, branch.weight)
     if branch.with_masks:
       add(_mask_terms(branch.out["pred_masks"], tg, assign), branch.suffix, branch.weight)
   if "semantic_seg" in outputs:

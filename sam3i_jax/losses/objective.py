@@ -32,6 +32,8 @@ class ObjectiveConfig:
   # loss_ce divides by B * max(Q, pad_num_queries) (the reference's 200); None: by B * Q, which a
   # model with few queries (the demo's 16) needs to learn its scores at a useful rate.
   pad_num_queries: int | None = 200
+  # SAM 3's IoU-aware classification targets; False: binary (`detection_loss`).
+  iou_aware_targets: bool = True
 
   def __post_init__(self):
     if self.stage not in STAGE_LEVELS:
@@ -71,7 +73,8 @@ def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
   for level in config.levels:
     branch_total, terms = detection_loss(outputs[level], targets, weights=config.detection,
                                          num_replicas=config.num_replicas,
-                                         pad_num_queries=config.pad_num_queries)
+                                         pad_num_queries=config.pad_num_queries,
+                                         iou_aware_targets=config.iou_aware_targets)
     metrics[f"{level}/loss"] = branch_total
     metrics.update({f"{level}/{name}": value for name, value in terms.items()})
     total = total + branch_total

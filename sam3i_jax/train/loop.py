@@ -167,12 +167,17 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
       group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
       weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
   partition.summary(model, stage, print_fn=_log)
-  objective = ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas,
-                              pad_num_queries=config.train.loss_pad_queries or None)
+  binary_from = settings.binary_targets_from_step
+
+  def step_config(step: int) -> StepConfig:
+    iou_aware = binary_from is None or step < binary_from
+    return StepConfig(ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas,
+                                      pad_num_queries=config.train.loss_pad_queries or None,
+                                      iou_aware_targets=iou_aware), config.train.accum_steps)
+
   schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
                for name, lr in group_lrs.items()}
-  trainer = Trainer(model, tx, partition.trainable(stage), mesh,
-                    StepConfig(objective, config.train.accum_steps),
+  trainer = Trainer(model, tx, partition.trainable(stage), mesh, step_config(0),
                     learning_rates=lambda count: {k: s(count) for k, s in schedules.items()},
                     param_axes=tuple(config.mesh.param_axes),
                     rules=tuple(config.mesh.logical_rules))
@@ -185,10 +190,14 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
     trainer.state, meta = checkpoints.restore(None, abstract, iterator)
     step = int(meta["step"])
     _log(f"stage {stage}: resumed at step {step} from {checkpoints.directory}")
+    trainer.set_config(step_config(step))
 
   start, start_step, last = time.time(), step, {}
   stop_at = step + config.train.stop_after_steps if config.train.stop_after_steps else num_steps
   while step < min(num_steps, stop_at):
+    if step == binary_from:
+      _log(f"stage {stage} step {step}: binary classification targets from here on")
+      trainer.set_config(step_config(step))
     host_batch = next(iterator)
     batch = input_pipeline.make_global_batch(host_batch, mesh, data_axes)
     metrics = trainer.step(batch)

@@ -140,8 +140,8 @@ class Trainer:
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, wrt, mesh: Mesh,
                config: StepConfig, *, learning_rates=None, param_axes=sharding_lib.PARAM_AXES,
                rules=sharding_lib.LOGICAL_RULES, compiler_options: dict | None = None):
-    self.mesh, self.config, self.rules = mesh, config, rules
-    self.compiler_options = compiler_options
+    self.mesh, self.rules, self.wrt = mesh, rules, wrt
+    self.compiler_options, self.learning_rates = compiler_options, learning_rates
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     self.graphdef, state = nnx.split((model, optimizer))
@@ -149,7 +149,12 @@ class Trainer:
     # A jitted identity places the state and gives every leaf its own buffer: donation fails on
     # arrays shared between leaves (e.g. adapter copies initialised from the same array).
     self.state = jax.jit(lambda s: s, out_shardings=self.state_shardings)(state)
-    self._step_fn = make_step_fn(self.graphdef, wrt, config, learning_rates)
+    self.set_config(config)
+
+  def set_config(self, config: StepConfig) -> None:
+    """Steps from now on use `config` (e.g. another objective); compiled at the next step."""
+    self.config = config
+    self._step_fn = make_step_fn(self.graphdef, self.wrt, config, self.learning_rates)
     self._compiled = None
 
   def _compile(self, batch: Batch):
