@@ -94,6 +94,9 @@ def test_sharded_step_equals_single_device_step():
     assert report[shape]["param_max_abs"] < 1e-6, (shape, report[shape])
   # FSDP and tensor sharding actually split parameters.
   assert report["(2, 4, 1)"]["sharded_params"] > 0 and report["(2, 2, 2)"]["sharded_params"] > 0
+  # A checkpoint of the (2, 4, 1) run restores exactly onto the (2, 2, 2) mesh's shardings.
+  restored = report["restore_(2, 4, 1)_on_(2, 2, 2)"]
+  assert restored["max_abs"] == 0 and restored["on_target_shardings"] and restored["leaves"] > 100
 
 
 @pytest.mark.xdist_group("train_loop")
