@@ -67,7 +67,8 @@ def _model_config(name: str, train_config):
   from sam3i_jax.train import loop
   config = loop.model_config(train_config)
   if name == "mid":
-    return get_preset("full", adapters=True, dtype=config.dtype, remat=config.remat, **MID_SIZES)
+    return get_preset("full", adapters=True, dtype=config.dtype, remat=config.remat,
+                      layer_remat=config.layer_remat, **MID_SIZES)
   if name != "demo":
     raise ValueError(f"unknown model {name!r}; demo or mid")
   return config
@@ -94,13 +95,22 @@ def _step_parts(train_config, model, stage: int) -> tuple[Any, Any, Any, Callabl
           lambda count: {name: s(count) for name, s in schedules.items()})
 
 
-def _memory_stats(compiled) -> dict[str, int]:
+def memory_stats(compiled) -> dict[str, int]:
   """XLA's buffer sizes of one device's program, and their total."""
   analysis = compiled.memory_analysis()
   stats = {name.removesuffix("_size_in_bytes").removesuffix("_in_bytes"): int(getattr(analysis, name))
            for name in dir(analysis) if name.endswith("_in_bytes")}
   stats["total"] = stats["argument"] + stats["output"] - stats["alias"] + stats["temp"]
   return stats
+
+
+def flops(compiled) -> float | None:
+  """The compiler's FLOP count of one device's program (None where the backend gives none).
+  XLA's cost analysis counts the body of a while loop once, so a program with scanned layers
+  reports a lower bound (one layer of each stack), not the step's FLOPs."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
 def _parameter_counts(model, stage: int) -> dict[str, int]:
@@ -159,7 +169,7 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
       "lower_s": lower_s, "compile_s": compile_s, "first_step_s": times[0],
       "step_s": times[warmup:], "median_step_s": step_s, "steps_per_s": 1 / step_s,
       "examples_per_s": batch_size / step_s, "losses": losses,
-      "memory": _memory_stats(compiled), "device": str(jax.devices()[0].device_kind),
+      "memory": memory_stats(compiled), "device": str(jax.devices()[0].device_kind),
       "peak_rss_gb": common.peak_rss_gb(),
   }
 
@@ -190,7 +200,9 @@ def _bytes_per_device(tree, shardings) -> int:
 
 
 def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_batch: int,
-                  max_targets: int | None, fast_compile: bool) -> dict:
+                  max_targets: int | None, fast_compile: bool, devices=None) -> dict:
+  """The released recipe's step of `stage` compiled on abstract sharded state for a mesh of
+  `devices` (default: this process's; e.g. a TPU topology's for a deviceless compile)."""
   import jax
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec
@@ -198,7 +210,8 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   from configs import hmpl
   from sam3i_jax.models.config import get_preset
   from sam3i_jax.models.sam3 import abstract_model
-  from sam3i_jax.train import sharding
+  from sam3i_jax.models.layers import compile_target
+  from sam3i_jax.train import loop, sharding
   from sam3i_jax.train.checkpoints import abstract_with_shardings
   from sam3i_jax.train.step import batch_shardings, make_step_fn, state_shardings
 
@@ -209,8 +222,7 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   train_config.train.loss_replicas = max(1, global_batch // per_replica)
   train_config.train.global_batch = global_batch
   max_targets = max_targets or train_config.data.max_targets
-  model_config = get_preset(preset, adapters=True, dtype=train_config.model.dtype,
-                            remat=train_config.model.remat)
+  model_config = get_preset(preset, adapters=True, **loop.numerics(train_config))
   start = time.perf_counter()
   model = abstract_model(model_config)
   model.train()
@@ -219,7 +231,7 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   graphdef, state = nnx.split((model, optimizer))
   build_s = time.perf_counter() - start
 
-  mesh = sharding.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape, devices)
   shardings = state_shardings(state, mesh)
   abstract_state = abstract_with_shardings(state, shardings)
   batch = _abstract_batch(model_config, global_batch, max_targets, mesh)
@@ -237,7 +249,8 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
                  out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                  donate_argnums=0, compiler_options=FAST_COMPILE if fast_compile else None)
   start = time.perf_counter()
-  lowered = step.lower(abstract_state, batch)
+  with compile_target(mesh.devices.flat[0].platform):  # attention "auto" as on those devices
+    lowered = step.lower(abstract_state, batch)
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -247,9 +260,10 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
       "devices": mesh.size, "global_batch": global_batch,
       "examples_per_device": global_batch / mesh.size, "max_targets": max_targets,
       "img_size": model_config.img_size, "dtype": model_config.dtype, "remat": model_config.remat,
-      "parameters": _parameter_counts(model, stage),
+      "layer_remat": model_config.layer_remat, "parameters": _parameter_counts(model, stage),
       "bytes_per_device": state_bytes,
-      "memory_per_device": _memory_stats(compiled),
+      "memory_per_device": memory_stats(compiled),
+      "flops_per_device": flops(compiled),
       "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
       "compiler_options": FAST_COMPILE if fast_compile else {}, "peak_rss_gb": common.peak_rss_gb(),
   }

@@ -109,6 +109,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Rematerialise the ViT / text-encoder blocks in the backward pass: "none", "full"
       # (nothing saved), "dots" (matmul outputs saved); sam3i_jax.models.layers.REMAT_POLICIES.
       "remat": "none" if demo else "full",
+      # The same for the fusion-encoder and decoder layers (their 5184-token attention).
+      "layer_remat": "none" if demo else "full",
   })
   # A converted SAM 3 or SAM3-I directory (`python -m convert ...`) to start from; empty: random
   # init (only sensible for the demo's stage 0).

@@ -1,6 +1,8 @@
 """Command line:
   python -m convert sam3 --checkpoint PATH/sam3.pt --output DIR [--adapters]
   python -m convert sam3i --checkpoint PATH/checkpoint.pt --output DIR
+  python -m convert migrate --input OLD_DIR --output DIR   (a converted directory written before
+                                                           layers were stacked -> current layout)
 """
 
 from __future__ import annotations
@@ -25,8 +27,20 @@ def main(argv=None) -> int:
     command.add_argument("--preset", default="full", help="Sam3Config preset for sizes shapes do not fix")
     command.add_argument("--model-config", help="JSON file of Sam3Config fields overriding the preset")
     command.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
+  migrate = sub.add_parser("migrate", help="a converted directory of an earlier layout (per-layer "
+                           "parameters) rewritten in the current one (stacked layers)")
+  migrate.add_argument("--input", required=True, help="the converted directory to migrate")
+  migrate.add_argument("--output", required=True, help="new directory for the migrated model")
   args = parser.parse_args(argv)
 
+  if args.kind == "migrate":
+    from convert.migrate import migrate_directory
+    try:
+      migrate_directory(args.input, args.output)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    return 0
   from convert.sam3 import convert_sam3, load_model_config
   from convert.sam3i import convert_sam3i
   try:

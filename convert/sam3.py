@@ -201,11 +201,14 @@ def initialise(model: nnx.Module, config: Sam3Config, keys: list[str], seed: int
   @jax.jit
   def initial_values():
     new = Sam3Image(config, rngs=host_counted_rngs(seed))
-    return {k: param[...] for k, (_, param, _) in param_table(new).items() if k in wanted}
+    return {entry.path: entry.param[...] for key, entry in param_table(new).items()
+            if key in wanted}
 
-  table = param_table(model)
-  for key, value in initial_values().items():
-    table[key][1].set_value(value)
+  # By parameter, not by key: a stacked parameter has one key per layer (a fresh group is
+  # always whole, so every layer of it is fresh).
+  params = {entry.path: entry.param for key, entry in param_table(model).items() if key in wanted}
+  for path, value in initial_values().items():
+    params[path].set_value(value)
   if any(re.match(SAM3I_GROUPS["mask predictor copies"][0], k) for k in wanted):
     nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
 

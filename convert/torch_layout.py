@@ -9,6 +9,7 @@ PyTorch key, found from its path and the type of the module that owns it:
   nnx.Embed       embedding               <- weight
   `X.in_proj` (fused MHA projection) kernel/bias <- `X.in_proj_weight` / `X.in_proj_bias`
   anything else (raw nnx.Param)           <- the same name, unchanged
+  a stacked (scanned) layer's parameter P.rest (n, ...) <- P.0.rest ... P.{n-1}.rest, stacked
 
 Nothing here imports torch: state dicts arrive as {key: numpy array}.
 """
@@ -16,11 +17,13 @@ Nothing here imports torch: state dicts arrive as {key: numpy array}.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sam3i_jax.models.stacking import stacked_prefixes
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -61,16 +64,32 @@ def torch_key(module_path: tuple, module: nnx.Module, leaf: str) -> tuple[str, T
   return _key(module_path + (leaf,)), _identity
 
 
-def param_table(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Param, Transform]]:
-  """{torch key: (nnx path, the nnx.Param, transform)} for every parameter of `model`."""
+class TableEntry(NamedTuple):
+  path: tuple  # the nnx path of the parameter
+  param: nnx.Param
+  transform: Transform
+  layer: int | None  # for a stacked (scanned) parameter: the layer this key fills
+
+
+def param_table(model: nnx.Module) -> dict[str, TableEntry]:
+  """{torch key: TableEntry} for every parameter of `model`. A parameter of a stack of n layers
+  (sam3i_jax.models.stacking) has n keys, `P.0.rest` ... `P.{n-1}.rest`, one per layer."""
+  stacks = stacked_prefixes(model)
   table = {}
   for path, module in model.iter_modules():
+    path = tuple(path)
+    stack = next(((len(prefix), n) for prefix, n in stacks.items()
+                  if path[:len(prefix)] == prefix), None)
     for name, value in vars(module).items():
-      if isinstance(value, nnx.Param):
-        key, transform = torch_key(tuple(path), module, name)
+      if not isinstance(value, nnx.Param):
+        continue
+      layers = [(None, path)] if stack is None else [
+          (i, path[:stack[0]] + (i,) + path[stack[0]:]) for i in range(stack[1])]
+      for layer, torch_path in layers:
+        key, transform = torch_key(torch_path, module, name)
         if key in table:
           raise AssertionError(f"two Flax parameters map to the PyTorch key {key}")
-        table[key] = (tuple(path) + (name,), value, transform)
+        table[key] = TableEntry(path + (name,), value, transform, layer)
   return table
 
 
@@ -124,6 +143,8 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
   ignore = ignore or {}
   report = LoadReport()
   table = param_table(model)
+  stacks: dict[int, np.ndarray] = {}  # id(param) -> the stacked array being filled layer by layer
+  filled: dict[int, int] = {}
   for key in [k for k in state_dict if k.startswith(prefix)]:
     local = key[len(prefix):]
     reason = next((r for r, pred in ignore.items() if pred(key)), None)
@@ -134,13 +155,21 @@ def load_state_dict(model: nnx.Module, state_dict: dict[str, np.ndarray], *, pre
     if local not in table:
       report.unexpected.append(key)
       continue
-    path, param, transform = table.pop(local)
-    array = transform(np.asarray(state_dict[key]))
-    shape = tuple(param.shape)
+    entry = table.pop(local)
+    array = entry.transform(np.asarray(state_dict[key]))
+    shape = tuple(entry.param.shape)[0 if entry.layer is None else 1:]
     if tuple(array.shape) != shape:
-      report.mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> expected {shape} (as {path})")
+      report.mismatched.append(f"{key}: {tuple(np.shape(state_dict[key]))} -> expected {shape} "
+                               f"(as {entry.path}{'' if entry.layer is None else f'[{entry.layer}]'})")
       continue
-    param.set_value(jnp.asarray(array, dtype=param.dtype))
+    if entry.layer is None:
+      entry.param.set_value(jnp.asarray(array, dtype=entry.param.dtype))
+    else:
+      stack = stacks.setdefault(id(entry.param), np.empty(entry.param.shape, entry.param.dtype))
+      stack[entry.layer] = array
+      filled[id(entry.param)] = filled.get(id(entry.param), 0) + 1
+      if filled[id(entry.param)] == entry.param.shape[0]:  # every layer is in: set the stack once
+        entry.param.set_value(jnp.asarray(stacks.pop(id(entry.param))))
     del state_dict[key]
     report.loaded.append(key)
   for key in sorted(prefix + k for k in table):

@@ -1,8 +1,8 @@
 """Which parameters train in each stage of SAM3-I's curriculum, and their learning-rate groups.
 
 The rules are data: regular expressions over dotted parameter paths (the PyTorch state-dict keys
-up to the leaf name, e.g. `transformer.decoder.layers.3.adapter12.up_proj.kernel`), first match
-wins, as in big_vision.
+up to the leaf name and the index of a stacked layer, e.g.
+`transformer.decoder.layers.adapter12.up_proj.kernel`), first match wins, as in big_vision.
 
   stage 0  every SAM 3 parameter: the demo's from-scratch training on concept prompts (the released
            recipe starts from sam3.pt instead); SAM3-I's additions stay frozen

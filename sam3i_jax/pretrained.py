@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
+from sam3i_jax.tree_paths import dotted
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -82,9 +85,7 @@ def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None, 
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR), target)
-  nnx.replace_by_pure_dict(params, restored)
+  nnx.replace_by_pure_dict(params, _restore_params(directory, target))
   # Committed to the same device as the parameters, so the first jit call and later ones (whose
   # outputs are committed) see the same argument shardings and compile once.
   rest = jax.device_put(jax.tree.map(materialise, rest), jax.devices()[0])
@@ -93,10 +94,39 @@ def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None, 
   return model
 
 
+def _restore_params(directory: str, target: dict) -> dict:
+  """The parameters of `directory` laid out as `target` (ShapeDtypeStructs with shardings). A
+  directory written before layers were stacked (per-layer parameters, sam3i-jax 0.1) is restacked
+  in memory (models/stacking.restack); `python -m convert migrate` rewrites it."""
+  import orbax.checkpoint as ocp
+
+  from sam3i_jax.models.stacking import restack
+
+  path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = {dotted(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        checkpointer.metadata(path).item_metadata)}
+    flat_target = {dotted(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    if saved == set(flat_target):
+      return checkpointer.restore(path, target)
+    print(f"{directory}: per-layer parameters (written before layers were stacked); restacking "
+          f"them. `python -m convert migrate --input {directory} --output NEW_DIR` rewrites it "
+          "in the current layout.", file=sys.stderr)
+    source = {dotted(p): np.asarray(leaf) for p, leaf in
+              jax.tree_util.tree_leaves_with_path(checkpointer.restore(path))}
+  try:
+    arrays = restack(source, flat_target)
+  except ValueError as error:
+    raise ValueError(f"{path} does not fit the model of {CONFIG_FILE}: {error}") from None
+  leaves = [jax.device_put(arrays[dotted(p)], leaf.sharding)
+            for p, leaf in jax.tree_util.tree_leaves_with_path(target)]
+  return jax.tree.unflatten(jax.tree.structure(target), leaves)
+
+
 def materialise(leaf):
   """Non-parameter state of a fresh model (dropout RNG streams, counters) from its abstract shape."""
   if not isinstance(leaf, jax.ShapeDtypeStruct):
     return leaf
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-    return jax.random.key(0)
+    return jnp.broadcast_to(jax.random.key(0), leaf.shape)  # stacked layers: one key per layer
   return jnp.zeros(leaf.shape, leaf.dtype)

@@ -4,6 +4,9 @@ import os
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# The test lock installs libtpu (for the deviceless TPU compile test); without this JAX would try
+# to start a TPU runtime in every test process (and its subprocesses) of this CPU-only suite.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))  # sam3_cpu and parity helpers
 
 import jax  # noqa: E402

@@ -93,8 +93,9 @@ def test_sam3i_checkpoint_round_trip(tmp_path, checkpoint):
   assert model.config == config.replace(adapters=True)
   table = param_table(model)
   assert len(table) == report["loaded"]
-  for key, (_, param, transform) in table.items():
-    np.testing.assert_array_equal(param[...], transform(checkpoint[key].numpy()), err_msg=key)
+  for key, entry in table.items():
+    value = entry.param[...] if entry.layer is None else entry.param[...][entry.layer]
+    np.testing.assert_array_equal(value, entry.transform(checkpoint[key].numpy()), err_msg=key)
 
   # The projection head computes the reference's Sequential on the mean of all token features.
   rng = np.random.default_rng(0)
@@ -156,8 +157,9 @@ def test_sam3_checkpoint_with_identity_adapters(tmp_path):
   groups = {"adapters (identity: zero output projections)": (".adapter1.", ".adapter12.", ".adapter2."),
             "mask predictor copies (copies of mask_predictor)": ("mask_predictor_adapter",),
             "projection head (random)": ("simple_query_proj.",)}
+  keys = param_table(model)  # PyTorch keys: one per layer of a stacked parameter
   assert report["initialised"] == {
-      reason: sum(any(part in k for part in parts) for k in params) for reason, parts in groups.items()}
+      reason: sum(any(part in k for part in parts) for k in keys) for reason, parts in groups.items()}
   for key, value in params.items():
     if "mask_predictor_adapter" in key:
       source = key.replace(key.split(".")[1], "mask_predictor")

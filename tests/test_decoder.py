@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sam3i_jax.models.decoder import TransformerDecoder, TransformerDecoderLayer, inverse_sigmoid
+from sam3i_jax.models.stacking import layer_at
 
 PRESETS = ["tiny", "small"]
 PREFIX = "transformer.decoder."
@@ -120,7 +121,7 @@ def test_decoder_layer_matches_reference(preset, dac):
         text_attention_mask=torch.from_numpy(mask), memory=parity.seq_first(memory),
         memory_pos=parity.seq_first(pos_b), cross_attn_mask=torch.from_numpy(bias).flatten(0, 1),
         dac=dac, dac_use_selfatt_ln=True, presence_token=parity.seq_first(presence))
-  layer = _ours(preset).layers[-1]
+  layer = layer_at(_ours(preset).layers, config.num_dec_layers - 1)
   assert isinstance(layer, TransformerDecoderLayer)
   out, pres = parity.fast_jit(lambda m, *a: m(*a, dac=dac), layer)(
       *(jnp.asarray(x) for x in (tgt, qpos, presence, prompt, mask, memory, pos_b, bias)))
@@ -166,7 +167,7 @@ def test_decoder_dac_training_mode(preset):
     ref = _torch_decoder(tdec, memory, pos, prompt, mask, grid, apply_dac=True)
     ref_eval = _torch_decoder(model.transformer.decoder, memory, pos, prompt, mask, grid)
   dec = nnx.view(_ours(preset), deterministic=False)  # training mode (as train() would set)
-  assert not dec.deterministic and not dec.layers[0].dropout1.deterministic
+  assert not dec.deterministic and not layer_at(dec.layers, 0).dropout1.deterministic
   out = _run(dec, memory, pos, prompt, mask, grid)
   q = config.num_queries
   assert out["hs"].shape == (config.num_dec_layers, BATCH, 2 * q, config.d_model)
@@ -214,7 +215,7 @@ def test_decoder_gradients_match_reference():
       "reference_points.weight": grads["reference_points"]["embedding"][...],
       "query_embed.weight": grads["query_embed"]["embedding"][...],
       "bbox_embed.layers.0.weight": grads["bbox_embed"]["layers"][0]["kernel"][...].T,
-      "layers.0.self_attn.in_proj_weight": grads["layers"][0]["self_attn"]["in_proj"]["kernel"][...].T,
+      "layers.0.self_attn.in_proj_weight": grads["layers"]["self_attn"]["in_proj"]["kernel"][...][0].T,
       "presence_token.weight": grads["presence_token"]["embedding"][...],
   }
   for name, g_ref in zip(names, grads_ref):
@@ -225,9 +226,10 @@ def test_decoder_bfloat16_keeps_ffn_and_boxes_in_float32():
   config, _, sd = parity.reference_model("tiny")
   memory, pos, prompt, mask, grid = _inputs(config)
   dec = _ours("tiny", "bfloat16")
-  assert dec.layers[0].linear1.dtype == jnp.float32 and dec.layers[0].norm1.dtype == jnp.bfloat16
+  first = layer_at(dec.layers, 0)
+  assert first.linear1.dtype == jnp.float32 and first.norm1.dtype == jnp.bfloat16
   dec.train()  # train() (like nnx.view) switches DAC on, eval() off again
-  assert not dec.deterministic and not dec.layers[0].dropout4.deterministic
+  assert not dec.deterministic and not layer_at(dec.layers, 0).dropout4.deterministic
   dec.eval()
   assert dec.deterministic
   out = _run(dec, memory, pos, prompt, mask, grid)

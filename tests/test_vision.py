@@ -14,6 +14,7 @@ from flax import nnx
 
 from convert.torch_layout import param_table
 from sam3i_jax.models.neck import VisionNeck
+from sam3i_jax.models.stacking import layer_at
 from sam3i_jax.models.vit import ViT, rope_tables
 
 PRESETS = ["tiny", "small"]
@@ -27,7 +28,7 @@ def _build(cls, config):
 
   def fill(x):
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.key(next(seeds))
+      return jax.random.split(jax.random.key(next(seeds)), x.shape)  # (n,): a stack of layers
     return jnp.zeros(x.shape, x.dtype)
 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0))))
@@ -37,6 +38,16 @@ def _build(cls, config):
 @nnx.jit
 def _run(module, x):
   return module(x)
+
+
+@nnx.jit(static_argnums=2)
+def _run_block(block, x, global_attention):
+  return block(x, 0.9, global_attention)  # the drop-path keep probability matters only in training
+
+
+@nnx.jit
+def _run_traced_kind(block, x, global_attention):
+  return block(x, 0.9, global_attention)
 
 
 @nnx.jit
@@ -79,25 +90,26 @@ def test_window_and_global_block(setup):
   x = np.random.default_rng(2).normal(size=(2, g, g, c)).astype(np.float32)
   for i, kind in ((window_id, "window"), (global_id, "global")):
     assert torch_blocks[i].window_size == (config.window_size if kind == "window" else 0)
-    assert neck.trunk.blocks[i].window_size == torch_blocks[i].window_size
+    assert neck.trunk.global_blocks[i] == (kind == "global")
     with torch.no_grad():
       ref = to_numpy(torch_blocks[i](torch.from_numpy(x)))
-    block = neck.trunk.blocks[i]
-    for impl in ("per_head", "xla"):
+    block = layer_at(neck.trunk.blocks, i)
+    for impl, traced in itertools.product(("per_head", "xla"), (False, True)):
       block.set_attributes(attention_impl=impl)
-      try:
-        ours = _run(block, jnp.asarray(x))
-      finally:
-        block.set_attributes(attention_impl="auto")
-      assert_close(ours, ref, TOL_SMALL, f"{kind} block {i} ({impl} attention)")
+      # As the trunk's scan runs it (the kind a traced flag, lax.cond) and as a static choice.
+      kind_flag = jnp.asarray(kind == "global") if traced else kind == "global"
+      ours = (_run_traced_kind if traced else _run_block)(block, jnp.asarray(x), kind_flag)
+      assert_close(ours, ref, TOL_SMALL, f"{kind} block {i} ({impl} attention, traced={traced})")
 
 
 def test_rope_tables_match_freqs_cis(setup):
   config, model, _, neck = setup
   head_dim = config.vit_dim // config.vit_heads
-  for i, (ours, theirs) in enumerate(zip(neck.trunk.blocks, model.backbone.vision_backbone.trunk.blocks)):
-    side = ours.window_size or config.grid_size
-    cos, sin = rope_tables(head_dim, side, side, ours.attn.rope_scale)
+  block = layer_at(neck.trunk.blocks, 0)
+  for i, theirs in enumerate(model.backbone.vision_backbone.trunk.blocks):
+    is_global = neck.trunk.global_blocks[i]
+    side = config.grid_size if is_global else config.window_size
+    cos, sin = rope_tables(head_dim, side, side, block.global_rope_scale if is_global else 1.0)
     freqs = theirs.attn.freqs_cis.detach().numpy()
     assert cos.shape == freqs.shape == (side * side, head_dim // 2)
     assert_close(cos, freqs.real, TOL_SMALL, f"block {i} cos")
@@ -136,7 +148,7 @@ def test_half_scale_branch_exists_but_is_not_used(setup, forward):
   for name in ("conv_1x1.weight", "conv_1x1.bias", "conv_3x3.weight", "conv_3x3.bias"):
     key = f"convs.3.{name}"
     assert key in table, key
-    assert tuple(table[key][1].shape) == tuple(
+    assert tuple(table[key].param.shape) == tuple(
         np.transpose(sd[PREFIX + key], (2, 3, 1, 0)).shape if key.endswith("weight") else sd[PREFIX + key].shape)
   assert not hasattr(neck.convs[3], "dconv_2x2")
   # It still computes the reference's 0.5x level when called on its own.
@@ -165,8 +177,7 @@ def test_drop_path_only_in_training():
   config = config.replace(vit_drop_path_rate=0.5)
   vit = _build(ViT, config)
   parity.load_into(vit, sd, PREFIX + "trunk.")
-  rates = [b.drop_path.rate for b in vit.blocks]
-  np.testing.assert_allclose(rates, np.linspace(0, 0.5, config.vit_depth))
+  np.testing.assert_allclose(vit.drop_path_rates, np.linspace(0, 0.5, config.vit_depth))
   x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (4, config.img_size, config.img_size, 3)),
                   jnp.float32)
   vit.eval()
@@ -177,12 +188,12 @@ def test_drop_path_only_in_training():
   assert np.abs(first - second).max() > 1e-3  # fresh masks on each call
   vit.eval()
   np.testing.assert_array_equal(np.asarray(_run(vit, x)), reference)
-  # A block whose drop rate is 1 drops both residual branches: the identity while training.
-  block = vit.blocks[-1]
-  block.drop_path.rate = 1.0
+  # A block whose drop rate is 1 (keep 0) drops both residual branches: the identity in training.
+  block = layer_at(vit.blocks, config.vit_depth - 1)
   block.train()
   h = jnp.asarray(np.random.default_rng(4).normal(size=(2, config.grid_size, config.grid_size,
                                                          config.vit_dim)), jnp.float32)
-  np.testing.assert_array_equal(np.asarray(_run(block, h)), np.asarray(h))
+  run = nnx.jit(lambda block, h, keep: block(h, keep, True))
+  np.testing.assert_array_equal(np.asarray(run(block, h, 0.0)), np.asarray(h))
   block.eval()
-  assert np.abs(np.asarray(_run(block, h)) - np.asarray(h)).max() > 1e-3
+  assert np.abs(np.asarray(run(block, h, 0.0)) - np.asarray(h)).max() > 1e-3

@@ -53,6 +53,8 @@ class Sam3Config:
   # Rematerialisation of the ViT and text-encoder blocks: "none", "full", "dots"
   # (layers.REMAT_POLICIES).
   remat: str = "none"
+  # The same for the fusion-encoder and decoder layers.
+  layer_remat: str = "none"
 
   def __post_init__(self):
     object.__setattr__(self, "global_att_blocks", tuple(int(b) for b in self.global_att_blocks))
@@ -101,8 +103,9 @@ class Sam3Config:
       problems.append("global_att_blocks must end with the last ViT block")
     if self.dtype not in ("float32", "bfloat16"):
       problems.append(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
-    if self.remat not in ("none", "full", "dots"):
-      problems.append(f"remat must be none, full or dots, not {self.remat!r}")
+    for name in ("remat", "layer_remat"):
+      if getattr(self, name) not in ("none", "full", "dots"):
+        problems.append(f"{name} must be none, full or dots, not {getattr(self, name)!r}")
     if problems:
       raise ValueError("invalid Sam3Config: " + "; ".join(problems))
 

@@ -26,6 +26,7 @@ from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import MLP, MultiHeadAttention, dense, dropout_layer, layer_norm
 from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.position_encoding import query_sine_embed
+from sam3i_jax.models.stacking import scan_layers, stack_layers
 
 INVERSE_SIGMOID_EPS = 1e-3
 RPB_LOG_SCALE = 8.0  # deltas (in units of the image side) are stretched to [-8, 8] before the log
@@ -119,13 +120,15 @@ class TransformerDecoderLayer(nnx.Module):
 
 
 class TransformerDecoder(nnx.Module):
-  """`transformer.decoder`: queries, reference boxes, box refinement, box RPB and presence token."""
+  """`transformer.decoder`: queries, reference boxes, box refinement, box RPB and presence token.
+  The layers are stacked and scanned (models/stacking.py), rematerialised by `config.layer_remat`."""
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     d, dtype = config.d_model, config.compute_dtype
     self.config = config
-    self.layers = nnx.List([TransformerDecoderLayer(config, rngs=rngs)
-                            for _ in range(config.num_dec_layers)])
+    self.layers = stack_layers([TransformerDecoderLayer(config, rngs=rngs)
+                                for _ in range(config.num_dec_layers)])
+    self.remat = config.layer_remat
     self.norm = layer_norm(d, rngs=rngs, dtype=dtype)
     self.bbox_embed = MLP(d, d, 4, 3, rngs=rngs, dtype=dtype)
     last = self.bbox_embed.layers[-1]  # zero-initialised as in the reference: refinement starts at 0
@@ -198,23 +201,24 @@ class TransformerDecoder(nnx.Module):
     ref = jnp.broadcast_to(ref[None], (b, *ref.shape))
     presence = jnp.broadcast_to(self.presence_token.embedding[...][None], (b, 1, d)).astype(dtype)
 
-    hs, refs, presence_logits = [], [ref], []
-    for i, layer in enumerate(self.layers):
+    def body(layer, carry, _):
+      tgt, presence, ref = carry
       query_pos = self.ref_point_head(query_sine_embed(ref, d).astype(dtype))
       bias = self.rpb_matrix(ref, grid)
       tgt, presence = layer(tgt, query_pos, presence, prompt, prompt_mask, memory, memory_pos, bias,
                             dac=dac, level=level)
       normed = self.norm(tgt)
       new_ref = self.refine(ref, normed)
-      if i < len(self.layers) - 1:
-        refs.append(new_ref)  # the reported refs keep their gradient (only the next input is detached)
-      ref = jax.lax.stop_gradient(new_ref)
-      hs.append(normed)
       # The reference "clamps" these with a non-in-place clamp whose result it drops: not clamped.
-      presence_logits.append(self.presence_token_head(self.presence_token_out_norm(presence))[:, :, 0])
+      presence_logit = self.presence_token_head(self.presence_token_out_norm(presence))[:, :, 0]
+      # The next layer's input boxes are detached; the reported ones keep their gradient.
+      return (tgt, presence, jax.lax.stop_gradient(new_ref)), (normed, new_ref, presence_logit)
+
+    (_, presence, _), (hs, new_refs, presence_logits) = scan_layers(
+        self.layers, body, (tgt, presence, ref), remat=self.remat)
     return {
-        "hs": jnp.stack(hs),
-        "ref_boxes": jnp.stack(refs),
-        "presence_logits": jnp.stack(presence_logits),
+        "hs": hs,
+        "ref_boxes": jnp.concatenate([ref[None], new_refs[:-1]]),
+        "presence_logits": presence_logits,
         "presence_feats": presence,
     }

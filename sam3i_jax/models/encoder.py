@@ -16,6 +16,7 @@ from sam3i_jax.models.adapters import BottleneckAdapter, adapter_path
 from sam3i_jax.models.config import Sam3Config
 from sam3i_jax.models.layers import MultiHeadAttention, dense, dropout_layer, layer_norm
 from sam3i_jax.models.levels import Level, parse_level
+from sam3i_jax.models.stacking import scan_layers, stack_layers
 
 
 class TransformerEncoderLayer(nnx.Module):
@@ -70,14 +71,16 @@ class TransformerEncoderLayer(nnx.Module):
 class TransformerEncoderFusion(nnx.Module):
   """Image tokens attend to themselves (with positions) and to the prompt; no final norm.
 
-  The prompt (text + geometry tokens) is not updated.
+  The prompt (text + geometry tokens) is not updated. The layers are stacked and scanned
+  (models/stacking.py), rematerialised per layer by `config.layer_remat`.
   """
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([
+    self.layers = stack_layers([
         TransformerEncoderLayer(config, rngs=rngs, pos_enc_at_attn=True, pos_enc_at_cross_attn_keys=False,
                                 adapters=config.adapters)
         for _ in range(config.num_enc_layers)])
+    self.remat = config.layer_remat
 
   def __call__(self, image_tokens: jax.Array, image_pos: jax.Array, prompt: jax.Array,
                prompt_mask: jax.Array, level: Level | str = Level.CONCEPT) -> jax.Array:
@@ -86,6 +89,10 @@ class TransformerEncoderFusion(nnx.Module):
     level = parse_level(level)
     x = image_tokens
     image_pos = jnp.broadcast_to(image_pos, x.shape).astype(x.dtype)
-    for layer in self.layers:
-      x = layer(x, prompt, query_pos=image_pos, memory_key_padding_mask=prompt_mask, level=level)
+
+    def body(layer, x, _):
+      return layer(x, prompt, query_pos=image_pos, memory_key_padding_mask=prompt_mask,
+                   level=level), None
+
+    x, _ = scan_layers(self.layers, body, x, remat=self.remat)
     return x

@@ -7,7 +7,9 @@ renames in convert/torch_layout.py (kernel/scale/embedding -> weight, fused `in_
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,21 +23,14 @@ def gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
-# Rematerialisation policies of the ViT / text-encoder blocks (Sam3Config.remat): what the backward
-# pass may keep from the forward; "none" keeps everything (no remat).
+# Rematerialisation policies of the scanned layers (Sam3Config.remat for the ViT / text blocks,
+# layer_remat for the fusion-encoder / decoder layers; models/stacking.scan_layers): what the
+# backward pass may keep from the forward; "none" keeps everything (no remat).
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def run_block(block: nnx.Module, remat: str, *args, **static):
-  """block(*args, **static), rematerialised in the backward pass under the named policy;
-  `static` holds the non-array arguments."""
-  if remat == "none":
-    return block(*args, **static)
-  return nnx.remat(lambda b, *a: b(*a, **static), policy=REMAT_POLICIES[remat])(block, *args)
 
 
 def dropout_layer(rate: float, *, rngs: nnx.Rngs, broadcast_dims: tuple[int, ...] = ()) -> nnx.Dropout:
@@ -92,10 +87,47 @@ class MLP(nnx.Module):
     return x
 
 
-ATTENTION_IMPLS = ("auto", "xla", "per_head", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "per_head", "blocked", "cudnn")
+
+# The platform `auto` chooses for: set while tracing a step that is compiled for other devices
+# than the default backend's (e.g. a TPU topology from a CPU host); None: jax.default_backend().
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attention_target_platform", default=None)
 
 
-def _attend(q, k, v, bias, key_padding_mask, dropout):
+@contextlib.contextmanager
+def compile_target(platform: str | None):
+  """`with compile_target("tpu"): jax.jit(step).lower(...)`: attention_impl="auto" picks what it
+  would on that platform ("cpu", "gpu", "tpu"; None: the default backend)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+class RowDropout(NamedTuple):
+  """Attention dropout whose mask does not depend on how the queries are split into blocks:
+  query row r of the (Lq, Lk) weights is masked with bernoulli(fold_in(key, r)) ("blocked" uses
+  it; the same rate as nnx.Dropout, another draw of the masks)."""
+  key: jax.Array
+  rate: float
+
+  def apply(self, weights: jax.Array, first_row: jax.Array | int = 0) -> jax.Array:
+    """weights (B, H, rows, Lk), rows first_row, first_row + 1, ... of the full matrix."""
+    b, h, rows, lk = weights.shape
+    keep = 1.0 - self.rate
+    draw = lambda r: jax.random.bernoulli(jax.random.fold_in(self.key, r), keep, (b, h, lk))  # noqa: E731
+    mask = jnp.moveaxis(jax.vmap(draw)(first_row + jnp.arange(rows)), 0, 2)
+    return jnp.where(mask, weights / jnp.asarray(keep, weights.dtype), jnp.zeros((), weights.dtype))
+
+
+# Dropout of attention weights (B, H, rows, Lk) that start at query row `first_row`.
+DropWeights = Callable[[jax.Array, jax.Array | int], jax.Array]
+
+
+def _attend(q, k, v, bias, key_padding_mask, dropout: DropWeights | None = None,
+            first_row: jax.Array | int = 0):
   """The attention arithmetic over (B, L, H, Dh); softmax in float32."""
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
@@ -105,20 +137,28 @@ def _attend(q, k, v, bias, key_padding_mask, dropout):
     logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout is not None:
-    weights = dropout(weights)
+    weights = dropout(weights, first_row)
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+# Sequences whose (Lq x Lk) logits reach this size use query blocks ("blocked") off CPU: the
+# fusion encoder's 5184-token self-attention, the ViT's global blocks.
+LONG_ATTENTION = 1 << 20
+# Logits per example and head in one query block of "blocked" (324 queries of 5184 keys: 7 MB).
+BLOCKED_LOGITS = 1 << 21
 
 
 def _choose_impl(impl: str, q: jax.Array, k: jax.Array, masked: bool, dropout_active: bool) -> str:
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
-  if backend == "cpu" and not dropout_active and q.shape[1] * k.shape[1] >= 1 << 16:
+  backend = _TARGET_PLATFORM.get() or jax.default_backend()
+  logits = q.shape[1] * k.shape[1]
+  if backend == "cpu" and not dropout_active and logits >= 1 << 16:
     return "per_head"
   if (backend == "gpu" and not masked and not dropout_active and q.dtype in (jnp.bfloat16, jnp.float16)
       and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128):
     return "cudnn"
-  return "xla"
+  return "blocked" if logits >= LONG_ATTENTION else "xla"
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None,
@@ -129,18 +169,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax
   bias: additive, broadcastable to (B, H, Lq, Lk). key_padding_mask: (B, Lk) bool, True = ignore
   (torch's convention). A query whose keys are all masked gets uniform weights over them instead of
   NaN (torch would return NaN; SAM 3 never produces such rows since the prompt has a CLS token).
-  impl (all compute the same function):
+  dropout: dropout on the attention weights, active unless deterministic.
+  impl (all compute the same function; with active dropout the same in distribution: blocked
+  draws its masks per query row, see RowDropout):
     xla: one batched einsum/softmax, logits (B, H, Lq, Lk) in float32.
-    per_head: the same arithmetic one head and one block of queries at a time (lax.map). On CPU a
-      72x72 global ViT block's attention ran 5x faster per head than batched, and query blocks gave
-      another 2.6x: the logits no longer stream through memory (1.7 GB of them in one global block).
+    blocked: the same arithmetic over blocks of queries (lax.map), each block rematerialised in
+      the backward pass: only one block's logits, weights and dropout mask (B, H, rows, Lk) exist
+      at a time, forward or backward, instead of the whole (Lq, Lk) matrices (860 MB per example
+      for the fusion encoder's 5184 tokens and 8 heads in float32, several of them kept for the
+      backward pass).
+    per_head: the same arithmetic one head and one block of queries at a time (lax.map); no
+      dropout. On CPU a 72x72 global ViT block's attention ran 5x faster per head than batched,
+      and query blocks gave another 2.6x: the logits no longer stream through memory.
     cudnn: jax.nn.dot_product_attention's fused kernel (GPU, 16-bit inputs, no mask/bias/dropout).
-    auto: per_head on CPU for long sequences, cudnn on GPU where it applies, else xla.
+    auto: per_head on CPU for long sequences without dropout, cudnn on GPU where it applies,
+      blocked for long sequences elsewhere, else xla; for the platform of `compile_target`.
   """
-  dropout_active = dropout is not None and not dropout.deterministic
+  dropout_active = dropout is not None and not dropout.deterministic and dropout.rate > 0
   impl = _choose_impl(impl, q, k, bias is not None or key_padding_mask is not None, dropout_active)
   if impl == "xla":
-    return _attend(q, k, v, bias, key_padding_mask, dropout)
+    return _attend(q, k, v, bias, key_padding_mask,
+                   (lambda weights, _: dropout(weights)) if dropout_active else None)
+  if impl == "blocked":
+    drop = RowDropout(dropout.rngs(), float(dropout.rate)).apply if dropout_active else None
+    return _attend_query_chunks(q, k, v, bias, key_padding_mask, drop, BLOCKED_LOGITS, remat=True)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
   if impl != "per_head":
@@ -167,22 +219,26 @@ def _query_chunk(num_queries: int, num_keys: int, max_logits: int = 1 << 23) -> 
   return max(c for c in range(1, min(num_queries, limit) + 1) if num_queries % c == 0)
 
 
-def _attend_query_chunks(q, k, v, bias, key_padding_mask):
-  """_attend over blocks of queries (lax.map): each block's float32 logits stay cache-sized. On CPU
-  this made a 5184-token attention 2.6x faster than one (Lq, Lk) block per head."""
+def _attend_query_chunks(q, k, v, bias, key_padding_mask, dropout: DropWeights | None = None,
+                         max_logits: int = 1 << 23, remat: bool = False):
+  """_attend over blocks of queries (lax.map): each block's float32 logits stay cache-sized (on
+  CPU this made a 5184-token attention 2.6x faster than one (Lq, Lk) block per head). remat:
+  recompute each block in the backward pass instead of keeping its logits and weights."""
   b, lq = q.shape[:2]
-  chunk = _query_chunk(lq, k.shape[1])
+  chunk = _query_chunk(lq, k.shape[1], max_logits)
   if chunk == lq:
-    return _attend(q, k, v, bias, key_padding_mask, None)
+    return _attend(q, k, v, bias, key_padding_mask, dropout)
   n = lq // chunk
   chunked_bias = bias is not None and bias.shape[-2] == lq
-  xs = (jnp.moveaxis(q.reshape(b, n, chunk, *q.shape[2:]), 1, 0),)
+  xs = (jnp.moveaxis(q.reshape(b, n, chunk, *q.shape[2:]), 1, 0), jnp.arange(n) * chunk)
   if chunked_bias:
     xs += (jnp.moveaxis(bias.reshape(*bias.shape[:-2], n, chunk, bias.shape[-1]), -3, 0),)
 
   def block(xs):
-    return _attend(xs[0], k, v, xs[1] if chunked_bias else bias, key_padding_mask, None)
+    return _attend(xs[0], k, v, xs[2] if chunked_bias else bias, key_padding_mask, dropout, xs[1])
 
+  if remat:
+    block = jax.checkpoint(block, prevent_cse=False)
   return jnp.moveaxis(jax.lax.map(block, xs), 0, 1).reshape(q.shape[:2] + v.shape[2:])
 
 

@@ -16,8 +16,9 @@ from flax import nnx
 
 from sam3i_jax.models.adapters import TextAdapter, adapter_path
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm, run_block
+from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm
 from sam3i_jax.models.levels import Level, parse_level
+from sam3i_jax.models.stacking import scan_layers, stack_layers
 
 
 def causal_bias(length: int) -> np.ndarray:
@@ -63,14 +64,16 @@ class ResidualAttentionBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
+  """The causal blocks, stacked and scanned (models/stacking.py)."""
+
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
-    self.resblocks = nnx.List([ResidualAttentionBlock(config, rngs=rngs)
-                               for _ in range(config.text_layers)])
+    self.resblocks = stack_layers([ResidualAttentionBlock(config, rngs=rngs)
+                                   for _ in range(config.text_layers)])
     self.remat = config.remat
 
   def __call__(self, x: jax.Array, bias: jax.Array, level: Level = Level.CONCEPT) -> jax.Array:
-    for block in self.resblocks:
-      x = run_block(block, self.remat, x, bias, level=level)
+    x, _ = scan_layers(self.resblocks, lambda block, x, _: (block(x, bias, level), None), x,
+                       remat=self.remat)
     return x
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.layers import (conv, dense, dot_product_attention, dropout_layer, gelu,
-                                     layer_norm, run_block)
+from sam3i_jax.models.layers import conv, dense, dot_product_attention, gelu, layer_norm
+from sam3i_jax.models.stacking import scan_layers, stack_layers
 
 ROPE_THETA = 10000.0
 
@@ -96,19 +96,18 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention over a (N, h, w, C) token map with fused `qkv` and 2-D RoPE."""
 
-  def __init__(self, dim: int, num_heads: int, rope_scale: float, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.rope_scale = float(rope_scale)
     self.attention_impl = "auto"  # see layers.dot_product_attention; set_attributes(attention_impl=...)
     self.qkv = dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rope_scale: float) -> jax.Array:
     n, h, w, c = x.shape
     qkv = self.qkv(x.reshape(n, h * w, c)).reshape(n, h * w, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    cos, sin = rope_tables(self.head_dim, h, w, self.rope_scale)
+    cos, sin = rope_tables(self.head_dim, h, w, float(rope_scale))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = dot_product_attention(q, k, v, impl=self.attention_impl)  # (N, L, H, Dh)
     return self.proj(out.reshape(n, h, w, c))
@@ -125,46 +124,70 @@ class Mlp(nnx.Module):
     return self.fc2(gelu(self.fc1(x)))
 
 
-def drop_path(rate: float, *, rngs: nnx.Rngs) -> nnx.Dropout:
+class DropPath(nnx.Module):
   """Stochastic depth on (B, H, W, C): one keep/drop draw per sample, kept samples scaled by
-  1 / (1 - rate) (timm's DropPath). An nnx.Dropout, so model.train()/eval()/nnx.view toggle it."""
-  return dropout_layer(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+  1 / (1 - rate) (timm's DropPath). The keep probability is a call argument, so the blocks of a
+  stack (each with its own rate) share one structure; `deterministic` follows train()/eval()."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.rngs = rngs["dropout"].fork()
+    self.deterministic = True  # inactive until model.train(), like layers.dropout_layer
+
+  def __call__(self, x: jax.Array, keep: jax.Array | float) -> jax.Array:
+    """keep: the keep probability, 1 - rate (float32, as nnx.Dropout computes it)."""
+    if self.deterministic:
+      return x
+    keep = jnp.asarray(keep, jnp.float32)
+    mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    keep = jnp.where(keep > 0, keep, 1.0).astype(x.dtype)  # rate 1: zeros with finite gradients
+    return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
 
 
 class Block(nnx.Module):
-  """Pre-norm ViT block; window attention if window_size > 0, else global attention.
+  """Pre-norm ViT block; window attention, or global attention over the whole grid.
 
   `x += drop_path(attn(norm1(x)))`, `x += drop_path(mlp(norm2(x)))` on (B, H, W, C) maps.
-  Each block is its own module so that callers can wrap it with nnx.remat.
+  Window and global blocks share their structure (the kind and the drop-path rate are call
+  arguments), so the trunk stacks all of them and scans.
   """
 
-  def __init__(self, config: Sam3Config, *, window_size: int, drop_path_rate: float, rngs: nnx.Rngs):
+  def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     d, dtype = config.vit_dim, config.compute_dtype
+    self.window_size = config.window_size
     # Window blocks: positions 0..w-1 inside each window; global blocks: the full grid squeezed
     # to the window's range (scale window / grid; the reference's rope_interp).
-    rope_scale = 1.0 if window_size else config.window_size / config.grid_size
-    self.window_size = window_size
+    self.global_rope_scale = config.window_size / config.grid_size
     self.norm1 = layer_norm(d, rngs=rngs, dtype=dtype)
-    self.attn = Attention(d, config.vit_heads, rope_scale, rngs=rngs, dtype=dtype)
+    self.attn = Attention(d, config.vit_heads, rngs=rngs, dtype=dtype)
     self.norm2 = layer_norm(d, rngs=rngs, dtype=dtype)
     self.mlp = Mlp(d, config.vit_mlp_dim, rngs=rngs, dtype=dtype)
-    self.drop_path = drop_path(drop_path_rate, rngs=rngs)
+    self.drop_path = DropPath(rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x (B, H, W, C) -> (B, H, W, C)."""
+  def window_attention(self, x: jax.Array) -> jax.Array:
+    _, h, w, _ = x.shape
+    windows = window_partition(x, self.window_size)
+    return window_unpartition(self.attn(windows, 1.0), self.window_size, h, w)
+
+  def __call__(self, x: jax.Array, drop_path_keep: jax.Array | float = 1.0,
+               global_attention: jax.Array | bool = False) -> jax.Array:
+    """x (B, H, W, C) -> (B, H, W, C); drop_path_keep: 1 - this block's drop-path rate;
+    global_attention may be traced (lax.cond)."""
     shortcut = x
     x = self.norm1(x)
-    if self.window_size:
-      _, h, w, _ = x.shape
-      x = window_unpartition(self.attn(window_partition(x, self.window_size)), self.window_size, h, w)
+    if isinstance(global_attention, (bool, np.bool_)):
+      x = self.attn(x, self.global_rope_scale) if global_attention else self.window_attention(x)
     else:
-      x = self.attn(x)
-    x = shortcut + self.drop_path(x)
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+      x = jax.lax.cond(global_attention, lambda t: self.attn(t, self.global_rope_scale),
+                       self.window_attention, x)
+    x = shortcut + self.drop_path(x, drop_path_keep)
+    return x + self.drop_path(self.mlp(self.norm2(x)), drop_path_keep)
 
 
 class ViT(nnx.Module):
-  """The trunk: patch embed + tiled abs pos + ln_pre + blocks; images (B, H, W, 3) -> (B, g, g, C)."""
+  """The trunk: patch embed + tiled abs pos + ln_pre + blocks; images (B, H, W, 3) -> (B, g, g, C).
+
+  The blocks are stacked and scanned (models/stacking.py); each step gets its drop-path rate and
+  whether it attends globally (`config.global_att_blocks`) as scanned inputs."""
 
   def __init__(self, config: Sam3Config, *, rngs: nnx.Rngs):
     d, dtype = config.vit_dim, config.compute_dtype
@@ -176,12 +199,10 @@ class ViT(nnx.Module):
     self.pos_embed = nnx.Param(
         0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (1, 1 + p * p, d), jnp.float32))
     self.ln_pre = layer_norm(d, rngs=rngs, dtype=dtype)
-    rates = np.linspace(0.0, config.vit_drop_path_rate, config.vit_depth)
-    globals_ = set(config.global_att_blocks)
-    self.blocks = nnx.List([
-        Block(config, window_size=0 if i in globals_ else config.window_size,
-              drop_path_rate=float(rates[i]), rngs=rngs)
-        for i in range(config.vit_depth)])
+    self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, config.vit_drop_path_rate,
+                                                               config.vit_depth))
+    self.global_blocks = tuple(i in config.global_att_blocks for i in range(config.vit_depth))
+    self.blocks = stack_layers([Block(config, rngs=rngs) for _ in range(config.vit_depth)])
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Tokens entering block 0: ln_pre(patch_embed(images) + tiled pos_embed), (B, g, g, C)."""
@@ -192,6 +213,9 @@ class ViT(nnx.Module):
 
   def __call__(self, images: jax.Array) -> jax.Array:
     x = self.embed(images)
-    for block in self.blocks:
-      x = run_block(block, self.remat, x)
+    # Keep probabilities as nnx.Dropout forms them: 1 - rate in float64, then float32.
+    keep = np.float32([1.0 - rate for rate in self.drop_path_rates])
+    per_block = (jnp.asarray(keep), jnp.asarray(self.global_blocks))
+    x, _ = scan_layers(self.blocks, lambda block, x, xs: (block(x, *xs), None), x, per_block,
+                       remat=self.remat)
     return x

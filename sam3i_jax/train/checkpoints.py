@@ -7,17 +7,22 @@ One orbax `CheckpointManager` item per part:
 - "data": the grain iterator state (one JSON file per process, grain's own handler);
 - "meta": the step, stage, config and metrics at save time.
 Saves are atomic (orbax writes a temporary directory and renames it when complete); `keep` bounds
-the number kept. A step that produced NaN/Inf is never saved (the training loop checks first).
+the number kept. A state saved before the repeated layers were stacked (sam3i-jax 0.1) is
+restacked into the current layout on restore. A step that produced NaN/Inf is never saved (the training loop checks first).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from sam3i_jax.models.stacking import restack
+from sam3i_jax.tree_paths import dotted
 
 
 class Checkpoints:
@@ -52,17 +57,46 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    stacked = self._saved_paths(step) == set(_flat(abstract_state))
+    items = {"meta": ocp.args.JsonRestore()}
+    if stacked:
+      items["state"] = ocp.args.StandardRestore(abstract_state)
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"], dict(restored["meta"])
+    state = restored["state"] if stacked else self._restacked(step, abstract_state)
+    return state, dict(restored["meta"])
+
+  def _saved_paths(self, step: int) -> set[str]:
+    return set(_flat(self.manager.item_metadata(step)["state"]))
+
+  def _restacked(self, step: int, abstract_state: Any) -> Any:
+    """A state saved before layers were stacked (per-layer leaves, sam3i-jax 0.1), restacked
+    into `abstract_state`'s layout and shardings (sam3i_jax.models.stacking.restack)."""
+    print(f"checkpoint {step} in {self.directory}: per-layer state (written before layers were "
+          "stacked); restacking it", file=sys.stderr)
+    raw = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    target = _flat(abstract_state)
+    try:
+      arrays = restack(_flat(raw["state"]), target)
+    except ValueError as error:
+      raise ValueError(f"checkpoint {step} in {self.directory} does not fit this model and "
+                       f"optimizer: {error}") from None
+    leaves = [jax.device_put(arrays[path], leaf.sharding) for path, leaf in target.items()]
+    return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """{dotted path: leaf} in tree order. orbax spells an nnx Variable's array as a `value` entry,
+  which the in-memory state has as an attribute: dropped, so both spell a leaf alike."""
+  return {dotted(path).removesuffix(".value"): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:

@@ -82,9 +82,14 @@ class MetricsLog:
       self.writer.close()
 
 
+def numerics(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The Sam3Config fields that the training config sets on any model: compute dtype, remat."""
+  return {name: config.model[name] for name in ("dtype", "remat", "layer_remat")}
+
+
 def model_config(config: ml_collections.ConfigDict):
   """The SAM3-I model config: the init checkpoint's sizes, or the preset's."""
-  overrides = {"dtype": config.model.dtype, "remat": config.model.remat}
+  overrides = numerics(config)
   if config.init.checkpoint:
     loaded = read_config(config.init.checkpoint, **overrides)
     if not loaded.adapters:
@@ -99,8 +104,7 @@ def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
   if config.init.checkpoint:
     _log(f"init: {config.init.checkpoint}")
     model_config(config)  # checks the directory holds the adapters
-    return load_pretrained(config.init.checkpoint, dtype=config.model.dtype,
-                           remat=config.model.remat)
+    return load_pretrained(config.init.checkpoint, **numerics(config))
   _log(f"init: random ({config.model.preset} preset, seed {config.seed})")
   return Sam3Image(model_config(config), rngs=host_counted_rngs(config.seed))
 
@@ -289,7 +293,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
       final = os.path.join(stage_dir, FINAL_DIR)
       if os.path.isdir(final):
         _log(f"stage {stage}: complete ({final}); skipped")
-        model = load_pretrained(final, dtype=config.model.dtype, remat=config.model.remat)
+        model = load_pretrained(final, **numerics(config))
         previous = stage
         continue
       model = model if model is not None else initial_model(config)

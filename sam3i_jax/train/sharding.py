@@ -8,6 +8,8 @@ mirror Meta's and say what each tensor is):
   rule names is an error, so a new module cannot silently end up replicated.
 - LOGICAL_RULES: logical name -> mesh axis (or axes, or None = replicated).
 A dimension that the mesh axes do not divide stays replicated (`describe` lists them).
+Parameters of stacked (scanned) layers (sam3i_jax.models.stacking) carry a leading layer axis,
+named "layers" ahead of the names their rule gives the per-layer tensor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sam3i_jax.models import stacking
 from sam3i_jax.tree_paths import dotted
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,6 +39,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(pos_embed|positional_embedding)$", (None, None, "embed")),
     (r"(pos_embed|positional_embedding)$", (None, "embed")),
     (r"(bias|scale)$", ("norm",)),
+    (r"(^|\.)rngs\.(key|count)$", ()),  # dropout RNG streams: stacked layers hold one per layer
 )
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -46,6 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("conv_in", None),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # each device holds its shard of every layer: scan slices layer by layer
 )
 
 
@@ -67,9 +72,10 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 
 
 def logical_axes(path: str, ndim: int, param_axes=PARAM_AXES) -> tuple[str | None, ...]:
+  lead = ("layers",) if stacking.is_stacked_path(path) else ()
   for pattern, names in param_axes:
-    if len(names) == ndim and re.search(pattern, path):
-      return tuple(names)
+    if len(names) == ndim - len(lead) and re.search(pattern, path):
+      return lead + tuple(names)
   raise ValueError(f"no logical-axis rule names parameter {path!r} of rank {ndim}; "
                    "add one to PARAM_AXES (or the config's param_axes)")
 

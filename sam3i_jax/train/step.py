@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam3i_jax.losses.objective import ALIGNMENT_STAGE, ObjectiveConfig, loss_fn
+from sam3i_jax.models.layers import compile_target
 from sam3i_jax.train import sharding as sharding_lib
 from sam3i_jax.tree_paths import dotted
 
@@ -168,12 +169,19 @@ class Trainer:
   def step(self, batch: Batch) -> dict[str, jax.Array]:
     if self._compiled is None:
       self._compiled = self._compile(batch)
-    self.state, metrics = self._compiled(self.state, batch)
+    with compile_target(self.platform):  # traced at the first call
+      self.state, metrics = self._compiled(self.state, batch)
     return metrics
 
   def lower(self, batch: Batch):
     """The lowered step for `batch`'s shapes (e.g. `.compile().memory_analysis()`)."""
-    return self._compile(batch).lower(self.state, batch)
+    with compile_target(self.platform):
+      return self._compile(batch).lower(self.state, batch)
+
+  @property
+  def platform(self) -> str:
+    """The platform of the mesh's devices, which attention_impl="auto" chooses for."""
+    return self.mesh.devices.flat[0].platform
 
   def model(self) -> nnx.Module:
     """The current model (shares the state's arrays; call again after further steps)."""
