@@ -15,11 +15,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.tree_paths import dotted
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -97,30 +95,23 @@ def load_pretrained(directory: str, *, dtype: str | None = None, sharding=None, 
 def _restore_params(directory: str, target: dict) -> dict:
   """The parameters of `directory` laid out as `target` (ShapeDtypeStructs with shardings). A
   directory written before layers were stacked (per-layer parameters, sam3i-jax 0.1) is restacked
-  in memory (models/stacking.restack); `python -m convert migrate` rewrites it."""
+  in memory (models/stacking.restack_tree); `python -m convert migrate` rewrites it."""
   import orbax.checkpoint as ocp
 
-  from sam3i_jax.models.stacking import restack
+  from sam3i_jax.models.stacking import flat_leaves, restack_tree
 
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   with ocp.StandardCheckpointer() as checkpointer:
-    saved = {dotted(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        checkpointer.metadata(path).item_metadata)}
-    flat_target = {dotted(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
-    if saved == set(flat_target):
+    if flat_leaves(checkpointer.metadata(path).item_metadata).keys() == flat_leaves(target).keys():
       return checkpointer.restore(path, target)
     print(f"{directory}: per-layer parameters (written before layers were stacked); restacking "
           f"them. `python -m convert migrate --input {directory} --output NEW_DIR` rewrites it "
           "in the current layout.", file=sys.stderr)
-    source = {dotted(p): np.asarray(leaf) for p, leaf in
-              jax.tree_util.tree_leaves_with_path(checkpointer.restore(path))}
+    source = checkpointer.restore(path)
   try:
-    arrays = restack(source, flat_target)
+    return restack_tree(source, target)
   except ValueError as error:
     raise ValueError(f"{path} does not fit the model of {CONFIG_FILE}: {error}") from None
-  leaves = [jax.device_put(arrays[dotted(p)], leaf.sharding)
-            for p, leaf in jax.tree_util.tree_leaves_with_path(target)]
-  return jax.tree.unflatten(jax.tree.structure(target), leaves)
 
 
 def materialise(leaf):

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sam3i_jax.models.layers import REMAT_POLICIES
+from sam3i_jax.tree_paths import dotted
 
 # Dotted path prefixes of the model's stacks (regexes on a path that ends before the layer's own
 # names). tests/test_stacking.py checks this table against the stacks a model actually has.
@@ -107,10 +108,6 @@ def stacked_prefixes(model: nnx.Module) -> dict[tuple, int]:
           if stack_size(module) is not None}
 
 
-def _dotted(path: Sequence) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def restack(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, Any]:
   """Arrays for every leaf of `target` ({dotted path: array or ShapeDtypeStruct}) from `source`
   ({dotted path: array}, e.g. a state written before layers were stacked): a path present in
@@ -125,7 +122,7 @@ def restack(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, A
     else:
       parts = path.split(".")
       n = shape[0] if shape else 0
-      candidates = [[_dotted(parts[:j] + [str(i)] + parts[j:]) for i in range(n)]
+      candidates = [[".".join(parts[:j] + [str(i)] + parts[j:]) for i in range(n)]
                     for j in range(1, len(parts))]
       candidates = [keys for keys in candidates if keys and all(k in source for k in keys)]
     if not candidates:
@@ -146,3 +143,19 @@ def restack(source: Mapping[str, Any], target: Mapping[str, Any]) -> dict[str, A
     raise ValueError("cannot restack the state:\n  " + "\n  ".join(problems[:20])
                      + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
   return out
+
+
+def flat_leaves(tree: Any) -> dict[str, Any]:
+  """{dotted path: leaf} in tree order. orbax spells an nnx Variable's array as a `value` entry,
+  which the in-memory state has as an attribute: dropped, so both spell a leaf alike."""
+  return {dotted(path).removesuffix(".value"): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restack_tree(source: Any, target: Any) -> Any:
+  """`source` (a restored tree, stacked or per-layer) as a tree like `target` (ShapeDtypeStructs
+  with shardings): `restack` by dotted path, each leaf placed on its target sharding."""
+  flat_target = flat_leaves(target)
+  arrays = restack(flat_leaves(source), flat_target)
+  leaves = [jax.device_put(arrays[path], leaf.sharding) for path, leaf in flat_target.items()]
+  return jax.tree.unflatten(jax.tree.structure(target), leaves)

@@ -8,7 +8,8 @@ One orbax `CheckpointManager` item per part:
 - "meta": the step, stage, config and metrics at save time.
 Saves are atomic (orbax writes a temporary directory and renames it when complete); `keep` bounds
 the number kept. A state saved before the repeated layers were stacked (sam3i-jax 0.1) is
-restacked into the current layout on restore. A step that produced NaN/Inf is never saved (the training loop checks first).
+restacked into the current layout on restore. A step that produced NaN/Inf is never saved (the
+training loop checks first).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from sam3i_jax.models.stacking import restack
-from sam3i_jax.tree_paths import dotted
+from sam3i_jax.models.stacking import flat_leaves, restack_tree
 
 
 class Checkpoints:
@@ -57,7 +57,8 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    stacked = self._saved_paths(step) == set(_flat(abstract_state))
+    saved = flat_leaves(self.manager.item_metadata(step)["state"])
+    stacked = saved.keys() == flat_leaves(abstract_state).keys()
     items = {"meta": ocp.args.JsonRestore()}
     if stacked:
       items["state"] = ocp.args.StandardRestore(abstract_state)
@@ -67,36 +68,23 @@ class Checkpoints:
     state = restored["state"] if stacked else self._restacked(step, abstract_state)
     return state, dict(restored["meta"])
 
-  def _saved_paths(self, step: int) -> set[str]:
-    return set(_flat(self.manager.item_metadata(step)["state"]))
-
   def _restacked(self, step: int, abstract_state: Any) -> Any:
     """A state saved before layers were stacked (per-layer leaves, sam3i-jax 0.1), restacked
-    into `abstract_state`'s layout and shardings (sam3i_jax.models.stacking.restack)."""
+    into `abstract_state`'s layout and shardings (sam3i_jax.models.stacking.restack_tree)."""
     print(f"checkpoint {step} in {self.directory}: per-layer state (written before layers were "
           "stacked); restacking it", file=sys.stderr)
     raw = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    target = _flat(abstract_state)
     try:
-      arrays = restack(_flat(raw["state"]), target)
+      return restack_tree(raw["state"], abstract_state)
     except ValueError as error:
       raise ValueError(f"checkpoint {step} in {self.directory} does not fit this model and "
                        f"optimizer: {error}") from None
-    leaves = [jax.device_put(arrays[path], leaf.sharding) for path, leaf in target.items()]
-    return jax.tree.unflatten(jax.tree.structure(abstract_state), leaves)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-  """{dotted path: leaf} in tree order. orbax spells an nnx Variable's array as a `value` entry,
-  which the in-memory state has as an attribute: dropped, so both spell a leaf alike."""
-  return {dotted(path).removesuffix(".value"): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
