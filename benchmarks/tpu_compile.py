@@ -49,6 +49,7 @@ TOPOLOGIES = {
 }
 DEFAULT_JOBS = ["stage3:1,2", "stage1:2,4", "stage2:2,4", "inference:1,4"]
 GIB = 2 ** 30
+FIBER_STACK = 16 * 2 ** 20  # bytes, for the TPU compiler's threads (see tpu_devices)
 OUT_OF_HBM = re.compile(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
@@ -57,6 +58,13 @@ def tpu_devices(topology: str) -> list:
   # libtpu otherwise locks /tmp/libtpu_lockfile for one process at a time; a deviceless
   # compile drives no TPU, so parallel ones (test workers, benchmark jobs) need no lock.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # libtpu 0.0.42's v6e convolution cost model recurses over fused producer chains deep enough to
+  # overflow its compiler threads' default fiber stacks (SIGSEGV "STACK OVERFLOW" in
+  # FusedSpatialMajorConvolution::CalculateClassicWindowCost on one decoder layer); 1 MiB
+  # already suffices, 16 MiB leaves room for the full-size model.
+  if "fibers_default_thread_stack_size" not in os.environ.get("LIBTPU_INIT_ARGS", ""):
+    os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "")
+                                      + f" --fibers_default_thread_stack_size={FIBER_STACK}").strip()
   from jax.experimental import topologies
   name, bounds, _, _ = TOPOLOGIES[topology]
   return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
