@@ -1,5 +1,6 @@
 # Set-up and the two entry points of the README. Everything installs into .venv from the
-# exact closures in requirements/*.lock (--no-deps: the lock is the whole resolution).
+# exact closures in requirements/*.lock (--no-deps: the lock is the whole resolution), except
+# torch and torchvision (requirements/torch.txt), which pip resolves with their dependencies.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,8 +14,9 @@ $(VENV)/.runtime-stamp: requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-stamp: $(VENV)/.runtime-stamp requirements/test.lock
+$(VENV)/.test-stamp: $(VENV)/.runtime-stamp requirements/test.lock requirements/torch.txt
 	$(PIP) install -q --no-deps -r requirements/test.lock
+	$(PIP) install -q -r requirements/torch.txt
 	touch $@
 
 venv: $(VENV)/.runtime-stamp

@@ -8,7 +8,7 @@
              from SAM 3) from the demo's own tiny SAM 3 in `DEMO_SAM3_DIR`; evaluated before
              training and after each stage;
   demo_sam3  stage 0, which made that tiny SAM 3: trained from scratch on the demo set's concept
-             prompts (~50 min on 2 CPU cores; only the demo needs it, see DESIGN.md 6);
+             prompts (~50 min on 2 CPU cores; only the demo needs it, see docs/design.md §6);
   smoke      stages 0-3 from a random tiny model, a few steps each (tests and quick checks);
   eval       evaluation only of `init.checkpoint` (or the workdir's latest checkpoint).
 e.g. `configs/hmpl.py:stage=2`, `configs/hmpl.py:demo`, `configs/hmpl.py:eval,stage=3`.

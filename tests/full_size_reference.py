@@ -3,7 +3,7 @@
 Run in a subprocess so the PyTorch model's ~10 GB are freed before the Flax side is built:
   python tests/full_size_reference.py OUTDIR
 OUTDIR/sam3.pt: `detector.*` image-model tensors (+ `sam2_convs` copy) and random `tracker.*` tensors
-with the shapes of ../shared/reference/sam3_pt_keys.tsv. OUTDIR/reference.npz: the outputs of
+with the shapes of tests/data/sam3_pt_keys.tsv. OUTDIR/reference.npz: the outputs of
 `forward_grounding` for a text prompt and for text + 2 boxes on an image no other test uses.
 """
 
@@ -13,10 +13,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import sam3_cpu  # noqa: E402  (before torch users)
+from released_keys import released_sam3_pt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-KEYS_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "sam3_pt_keys.tsv")
 IMAGE_SEED = 20261124
 TEXT = "the helmet of the rider on the black horse"
 BOXES = [[0.45, 0.55, 0.3, 0.4], [0.8, 0.2, 0.5, 0.3]]  # the second crosses the image border
@@ -30,11 +30,9 @@ def released_layout(model) -> dict:
   at their released shapes, whatever the image model's size)."""
   sd = {f"detector.{k}": v for k, v in model.state_dict().items()}
   gen = torch.Generator().manual_seed(1)
-  for line in open(KEYS_TSV):
-    key, shape, dtype = line.rstrip("\n").split("\t")
+  for key, (shape, _) in released_sam3_pt().items():
     if key in sd:
       continue
-    shape = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     if ".sam2_convs." in key:
       sd[key] = sd[key.replace(".sam2_convs.", ".convs.")].clone()
     elif key.startswith("tracker."):

@@ -1,7 +1,7 @@
 """Helpers for parity tests against Meta's PyTorch SAM 3 (PyPI sam3==0.1.4, random weights).
 
 Import this module before torchvision/timm/sam3: it imports sam3_cpu, which applies the CPU
-workarounds described in ../shared/reference/sam3_cpu/README.md.
+workarounds described in docs/design.md §9.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """The parameter partition of SAM3-I's curriculum (sam3i_jax.partition)."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,8 @@ from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import abstract_model
 from sam3i_jax.pretrained import materialise
 
-STATE_DICT_TSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
-                              "sam3_image_state_dict.tsv")
+from released_keys import released_image_model
+
 # What the image model knowingly does not convert (see convert.sam3.IGNORED_GROUPS).
 NOT_CONVERTED = (".sam2_convs.", "freqs_cis", "text_projection")
 
@@ -23,12 +21,8 @@ NOT_CONVERTED = (".sam2_convs.", "freqs_cis", "text_projection")
 def released_sam3_parameter_count() -> int:
   """SAM 3's image model as released (the 1134 tensors of sam3.pt's detector), less the tensors the
   port knowingly drops."""
-  total = 0
-  for line in open(STATE_DICT_TSV):
-    key, shape, _ = line.rstrip("\n").split("\t")
-    if not any(part in key for part in NOT_CONVERTED):
-      total += int(np.prod([int(s) for s in shape.strip("()").split(",") if s.strip()]))
-  return total
+  return sum(int(np.prod(shape)) for key, (shape, _) in released_image_model().items()
+             if not any(part in key for part in NOT_CONVERTED))
 
 
 def sam3i_counts(text_width=1024, text_layers=24, heads_bottleneck=64, d=256, bottleneck=64,

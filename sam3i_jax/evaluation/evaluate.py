@@ -1,7 +1,7 @@
 """Evaluation of a model on an eval pipeline, per instruction level, as SAM3-I evaluates.
 
 For each sample and level: one forward pass (jit-compiled per level), post-processing as
-DESIGN.md 2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, masks resized to the
+docs/design.md §2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, masks resized to the
 original image), the kept masks combined by the `union` (HMPL, Ref-ZOM) or `top1` (RefCOCO) rule,
 compared with the OR of all the datapoint's annotations. Metrics (`sam3i_jax.evaluation.metrics`)
 per level, per dataset (subset), per target kind (object / part, the paper's breakdown; the

@@ -6,11 +6,11 @@ Every adapted layer owns three adapters: `adapter1` (the S-adapter, simple level
 level's cascade `adapter12` (starts as a copy of the trained adapter1) followed by `adapter2` (the
 C-adapter). `adapter_path` is the one place that composes them.
 
-Initialisation differs from the released code on purpose (see DESIGN.md 4): there, the text and
-fusion-encoder adapters zero their input projections too, which leaves only the output biases
-trainable. Here the input projections (down_proj, the adapter MHA's in_proj) keep Flax's LeCun
-initialisation and only the output projections (up_proj, the MHA's out_proj) start at zero, so an
-untrained adapter is the identity and every parameter can learn.
+Initialisation differs from the released code on purpose (see docs/design.md §4): there, the
+text and fusion-encoder adapters zero their input projections too, which leaves only the output
+biases trainable. Here the input projections (down_proj, the adapter MHA's in_proj) keep Flax's
+LeCun initialisation and only the output projections (up_proj, the MHA's out_proj) start at zero,
+so an untrained adapter is the identity and every parameter can learn.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def migrate_to_complex(state: nnx.State) -> nnx.State:
   """The start of stage 2, from a stage-1 state: in every adapted layer adapter12 := adapter1 and
   adapter2's output projections (up_proj, mha_adapter.out_proj) := 0; mask_predictor_adapter2 :=
   mask_predictor_adapter1. adapter2's other parameters keep their values: the reference zeroes
-  them all (LayerNorm scales included), which leaves its C-adapters bias-only (DESIGN.md 4).
+  them all (LayerNorm scales included), which leaves its C-adapters bias-only
+  (docs/design.md §4).
 
   The complex path then computes the simple path's function in the text and fusion encoders; in
   the decoder, whose adapter2 has no skip, it starts as SAM 3's."""
