@@ -2,8 +2,11 @@
 
 See configs/hmpl.py for the variants (default: the released recipe, demo, smoke, eval).
 On several hosts (a TPU pod slice, multi-node GPUs) pass --multihost on every host: it calls
-`jax.distributed.initialize()` (which reads the cluster from the environment) before anything
-touches a device.
+`jax.distributed.initialize()` before anything touches a device. The cluster comes from the
+environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or from --coordinator_address,
+--num_processes and --process_id, e.g. two processes on one machine:
+  python main.py --config=configs/hmpl.py:smoke --multihost --coordinator_address=127.0.0.1:5432 \
+      --num_processes=2 --process_id=0   (and --process_id=1 in a second shell)
 """
 
 from absl import app, flags, logging
@@ -11,6 +14,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/hmpl.py", "training configuration")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first")
+# Unset, jax.distributed.initialize reads them from the environment: JAX_COORDINATOR_ADDRESS, or
+# the cluster's own variables (TPU pod metadata, SLURM, Open MPI, ...).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "with --multihost: HOST:PORT of process 0's coordinator")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "with --multihost: processes in all")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "with --multihost: this process's index")
 
 
 def main(argv):
@@ -18,8 +27,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax
+  cluster = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+             "process_id": _PROCESS_ID.value}
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**cluster)
+  elif any(value is not None for value in cluster.values()):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from sam3i_jax.train import loop
   loop.run(_CONFIG.value)
 

@@ -2,11 +2,13 @@
 
 Training order of operations (all MapDataset steps are lazy index arithmetic):
   sources -> concatenate (or shuffle + repeat each, then mix by weight) -> shuffle -> repeat
-  -> random_map(TrainTransform) -> slice(process_index::process_count)
+  -> random_map(TrainTransform) -> HostBlocks(process_index, process_count)
   -> to_iter_dataset -> batch(batch_size, drop_remainder) -> mp_prefetch(worker_count)
-The per-example RNG is seeded by the element's index in the global (unsharded) sequence, and
-every process builds the same global sequence and keeps every process_count-th element, so
-processes read disjoint examples that together cover the data, each with its own randomness.
+The per-example RNG is seeded by the element's index in the global (unsharded) sequence. Every
+process builds the same global sequence, cut into global batches of process_count * batch_size
+consecutive elements, and reads its own block of batch_size of each: processes read disjoint
+examples, and `make_global_batch` (host batches concatenated in process order) gives the same
+global batches, in the same order, on any number of processes.
 The iterator is a grain `DatasetIterator`: `get_state()` / `set_state()` resume exactly (with
 the same config and worker count); orbax saves it through grain's checkpoint handler.
 
@@ -50,6 +52,32 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   return process_index, process_count
+
+
+class HostBlocks(grain.MapDataset):
+  """Process `index` of `count`'s share of `parent`: of each run of `count * batch` consecutive
+  elements (one global batch), the `batch` elements at offset `index * batch`. A trailing
+  incomplete global batch is left out (every process must run the same number of steps)."""
+
+  def __init__(self, parent: grain.MapDataset, batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._batch, self._index, self._count = batch, index, count
+    self._length = len(parent) // (batch * count) * batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def parent_index(self, index: int) -> int:
+    block, offset = divmod(index, self._batch)
+    return (block * self._count + self._index) * self._batch + offset
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"HostBlocks(batch={self._batch}, process {self._index} of {self._count})"
 
 
 def _image_root(config: ml_collections.ConfigDict, images: str) -> str:
@@ -146,7 +174,8 @@ def train_pipeline(config: ml_collections.ConfigDict, model_config: Any, *,
       spec, sizes=tuple(config.train_sizes) if config.train_sizes else None,
       concept_choice=config.concept_choice, bad_input=config.bad_input,
       vocab_path=config.vocab_path)
-  dataset = mixed.random_map(transform, seed=seed)[process_index::process_count]
+  dataset = HostBlocks(mixed.random_map(transform, seed=seed), config.batch_size, process_index,
+                       process_count)
   dataset = dataset.to_iter_dataset(_read_options(config))
   dataset = dataset.batch(config.batch_size, drop_remainder=True)
   return Pipeline(_prefetch(dataset, config), report,
@@ -194,7 +223,8 @@ def eval_pipeline(config: ml_collections.ConfigDict, model_config: Any, *,
   transform = transforms.EvalTransform(spec, bad_input=config.bad_input,
                                        vocab_path=config.vocab_path)
   dataset = grain.MapDataset.source(_EvalItems(opened, [e.name for e in entries], items)).map(transform)
-  dataset = dataset[process_index::process_count].to_iter_dataset(_read_options(config))
+  dataset = HostBlocks(dataset, batch, process_index, process_count).to_iter_dataset(
+      _read_options(config))
   dataset = dataset.batch(batch, drop_remainder=False)
   return Pipeline(_prefetch(dataset, config), report,
                   {e.name: len(s) for e, s in zip(entries, opened)},

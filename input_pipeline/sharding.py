@@ -1,4 +1,4 @@
-"""Per-host numpy batches -> global `jax.Array`s sharded over the mesh's data axes."""
+"""Per-host numpy batches -> global `jax.Array`s sharded over the mesh's data axes, and back."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def make_global_batch(host_batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
   device, _ = split_host_fields(host_batch)
   return {k: jax.make_array_from_process_local_data(sharding, _device_value(k, v))
           for k, v in device.items()}
+
+
+def host_local_batch(global_arrays: Any, mesh: jax.sharding.Mesh,
+                     data_axes: str | Sequence[str] = ("data",)) -> Any:
+  """The inverse of `make_global_batch` for a tree of batch-leading arrays (e.g. model outputs):
+  this process's rows as numpy, in its host batch's order (resharded over `data_axes` first if
+  they are laid out otherwise)."""
+  from jax.experimental import multihost_utils
+  axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
+  local = multihost_utils.global_array_to_host_local_array(
+      global_arrays, mesh, jax.tree.map(lambda _: jax.sharding.PartitionSpec(axes), global_arrays))
+  return jax.tree.map(np.asarray, local)
 
 
 def _device_value(key: str, value: Any) -> np.ndarray:

@@ -27,7 +27,9 @@ REPORT_FILE = "conversion.json"
 
 def save_pretrained(model: nnx.Module, config: Sam3Config, directory: str, *, vocab_path: str | None,
                     report: dict | None = None) -> None:
-  """Writes `model`'s parameters and config to `directory` (created; must not hold a checkpoint)."""
+  """Writes `model`'s parameters and config to `directory` (created; must not hold a checkpoint).
+  With several processes every one calls this (orbax writes each array's shards from the process
+  that holds them); process 0 writes the other files."""
   import orbax.checkpoint as ocp  # heavy; only needed here
 
   directory = os.path.abspath(directory)
@@ -39,6 +41,8 @@ def save_pretrained(model: nnx.Module, config: Sam3Config, directory: str, *, vo
   handler = ocp.StandardCheckpointHandler(save_concurrent_gb=1)
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(os.path.join(directory, PARAMS_DIR), args=ocp.args.StandardSave(state))
+  if jax.process_index() != 0:
+    return
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump({"model": model_kind(config), **config.to_dict()}, f, indent=2)
   if vocab_path is not None:

@@ -123,16 +123,22 @@ def test_multiprocess_workers_resume_exactly(demo_root):
     resumed.close()
 
 
-def test_process_shards_are_disjoint_and_cover_an_epoch(demo_root):
-  config = _config(demo_root, num_epochs=1, batch_size=1, max_targets=16)
-  seen = []
-  for index in range(2):
-    pipeline = input_pipeline.train_pipeline(config, MODEL, process_index=index,
-                                             process_count=2)
-    seen.append([int(b["datapoint_id"][0]) for b in pipeline.iterator()])
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == sorted(_ids("train", demo_root))
-  assert abs(len(seen[0]) - len(seen[1])) <= 1
+def test_process_shards_are_disjoint_blocks_of_the_global_batches(demo_root):
+  """Per step, the host batches of 2 processes (2 examples each), concatenated in process order,
+  are the 1-process run's batch of 4; together they cover the epoch but its incomplete last
+  global batch."""
+  config = _config(demo_root, num_epochs=1, batch_size=2, max_targets=16)
+  hosts = [[b["datapoint_id"].tolist() for b in input_pipeline.train_pipeline(
+      config, MODEL, process_index=index, process_count=2).iterator()] for index in range(2)]
+  config.batch_size = 4
+  single = [b["datapoint_id"].tolist() for b in input_pipeline.train_pipeline(
+      config, MODEL, process_index=0, process_count=1).iterator()]
+  assert len(hosts[0]) == len(hosts[1]) == len(single) > 10
+  assert [first + second for first, second in zip(*hosts)] == single
+  seen = sum(hosts[0] + hosts[1], [])
+  assert len(set(seen)) == len(seen)
+  expected = _ids("train", demo_root)
+  assert set(seen) <= set(expected) and len(expected) - len(seen) < 4
 
 
 def test_weighted_mixture_follows_the_weights(demo_root):

@@ -258,6 +258,7 @@ def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
       combine=config.eval.combine, threshold=config.eval.threshold,
       datasets=tuple(pipeline.lengths),
       to_device=lambda b: input_pipeline.make_global_batch(b, mesh, ("data", "fsdp")),
+      from_device=lambda outputs: input_pipeline.host_local_batch(outputs, mesh, ("data", "fsdp")),
       image_dir=os.path.join(stage_dir, "predictions"), num_images=config.eval.num_images,
       log=_log)
   _log(format_table(results))
@@ -309,9 +310,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
       if model is None:
         return results
       results[f"stage{stage}"] = run_evaluation(config, model, mesh, stage, step, log, stage_dir)
-      if jax.process_index() == 0:
-        save_pretrained(model, model.config, final, vocab_path=find_vocab(config.data.vocab_path),
-                        report={"stage": stage})
+      save_pretrained(model, model.config, final, vocab_path=find_vocab(config.data.vocab_path),
+                      report={"stage": stage})  # every process: orbax writes sharded arrays
       _write_results(results, results_path)
       previous = stage
   finally:
