@@ -26,7 +26,7 @@ demo: venv
 	$(PY) main.py --config=configs/hmpl.py:demo
 
 test: venv-test
-	$(PY) -m pytest -n 2 --dist loadgroup -ra
+	$(PY) -m pytest -n 2 --dist loadgroup -ra --durations=25
 
 clean:
 	rm -rf $(VENV)

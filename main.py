@@ -5,9 +5,11 @@ On several hosts (a TPU pod slice, multi-node GPUs) pass --multihost on every ho
 `jax.distributed.initialize()` before anything touches a device. The cluster comes from the
 environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or from --coordinator_address,
 --num_processes and --process_id, e.g. two processes on one machine:
-  python main.py --config=configs/hmpl.py:smoke --multihost --coordinator_address=127.0.0.1:5432 \
-      --num_processes=2 --process_id=0   (and --process_id=1 in a second shell)
+  python main.py --config=configs/hmpl.py:smoke --multihost --num_processes=2
+      --coordinator_address=127.0.0.1:5432 --process_id=0   (and --process_id=1 in a second shell)
 """
+
+import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,8 +36,28 @@ def main(argv):
   elif any(value is not None for value in cluster.values()):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from sam3i_jax.train import loop
-  loop.run(_CONFIG.value)
+  from sam3i_jax.train.sharding import MeshShapeError
+  try:
+    loop.run(_CONFIG.value)
+  except MeshShapeError as error:
+    raise app.UsageError(f"--config.mesh.shape: {error}") from error
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a `--config.<path>=...` override that names no field of the config
+  (ml_collections raises a bare AttributeError/KeyError with the missing name) reported as such."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    text = str(error).encode().decode("unicode_escape")
+    missing = re.search(r"[A-Za-z_]\w*", text).group()
+    hint = re.search(r"Did you mean [^?]*\?", text)
+    overrides = [arg for arg in argv[1:] if arg.startswith("--config.")
+                 and missing in arg.split("=", 1)[0].split(".")]
+    app.usage(shorthelp=True, exitcode=2, detailed_error=(
+        f"unknown config field {missing!r} in {' '.join(overrides) or 'the --config overrides'}"
+        f"{'; ' + hint.group() if hint else ''}"))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

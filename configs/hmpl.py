@@ -143,6 +143,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "log_every": 25 if demo else 50,
       "checkpoint_every": 500 if demo else 2000,
       "keep_checkpoints": 2 if demo else 3,
+      # Write checkpoints in the background while training goes on (orbax's async save; a
+      # checkpoint becomes visible only once complete, so a crash mid-write leaves the last one).
+      "async_checkpoints": True,
       "eval_every": 500 if variant == "demo_sam3" else 0,  # steps; 0 = at each stage's end
       # Stop this run after this many steps (a checkpoint is saved; running again resumes),
       # e.g. to fit a job's time limit; 0 = run the stages to the end.

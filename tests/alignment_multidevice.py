@@ -1,4 +1,4 @@
-"""Run by test_alignment_loss.py in a subprocess with 4 simulated CPU devices.
+"""Run by test_alignment.py in a subprocess with 4 simulated CPU devices.
 
 One example per device (global batch 4): the alignment losses under jit on sharded global arrays,
 and inside shard_map with axis_name="data", must equal (value and gradients) the single-device

@@ -28,7 +28,7 @@ from sam3i_jax.pretrained import load_pretrained
 from sam3i_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WRAPPER = os.path.join(os.path.dirname(__file__), "multihost_main.py")
+WRAPPER = os.path.join(os.path.dirname(__file__), "instrumented_main.py")
 DEVICES = 8
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-6
@@ -57,7 +57,7 @@ def main_flags(workdir, cache, processes: int, stop_after: int) -> list[str]:
 def run_main(workdir, cache, processes: int, stop_after: int = 0) -> None:
   """main.py (through the recording wrapper) in `processes` processes; raises with their logs."""
   os.makedirs(workdir, exist_ok=True)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", MULTIHOST_RECORD_DIR=str(workdir),
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MAIN_RECORD_DIR=str(workdir),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}")
   flags = main_flags(workdir, cache, processes, stop_after)
   if processes > 1:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import parity
 import pytest
-from test_detection_loss import make_batch
+from test_detection import make_batch
 
 from sam3i_jax.losses.alignment import alignment_losses
 from sam3i_jax.losses.detection import detection_loss

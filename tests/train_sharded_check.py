@@ -1,4 +1,4 @@
-"""Run by test_train_sharded.py in a subprocess with 8 simulated CPU devices.
+"""Run by test_train_loop.py in a subprocess with 8 simulated CPU devices.
 
 Two training steps of the tiny SAM3-I model (stage 1, dropout and DAC on) on one device and on the
 (data, fsdp, tensor) meshes (8,1,1), (2,4,1) and (2,2,2); prints one JSON line: per mesh the
@@ -7,7 +7,7 @@ against the single-device run, and how many parameters were sharded. Then the (2
 state is checkpointed and restored onto a trainer on the (2,2,2) mesh: the largest difference of
 any leaf, and whether every restored leaf has the new mesh's sharding. Plain SGD: Adam's first
 steps are sign(g) * lr, which turns fp32 reduction-order noise in near-zero gradients into
-differences of order lr (the optimizer itself is tested against torch in test_optimizer.py).
+differences of order lr (the optimizer itself is tested against torch in test_train_optimizer.py).
 """
 
 import json

@@ -183,6 +183,23 @@ def host_counted_rngs(seed: int = 0) -> nnx.Rngs:
   return rngs
 
 
+def seed_dropout_streams(model: nnx.Module, key: jax.Array) -> None:
+  """Restarts every RNG stream of `model` (dropout, drop path) from its own key, counters at 0:
+  stream i (in the model's flat state order), layer l of a stacked one, gets
+  fold_in(fold_in(key, i), l). A model built from a seed and one loaded from disk (whose streams
+  `pretrained.materialise` starts all from one key) then draw the same masks from here on."""
+  keys = nnx.to_flat_state(nnx.state(model, nnx.RngKey))
+  for i, (_, variable) in enumerate(keys):
+    shape = variable.get_value().shape
+    layers = jnp.arange(int(np.prod(shape)), dtype=jnp.uint32)
+    variable.set_value(jax.vmap(lambda l, k=jax.random.fold_in(key, i): jax.random.fold_in(k, l))(
+        layers).reshape(shape) if shape else jax.random.fold_in(key, i))
+  counts = nnx.to_flat_state(nnx.state(model, nnx.RngCount))
+  for _, variable in counts:
+    variable.set_value(jnp.zeros_like(variable.get_value()))
+  nnx.update(model, nnx.from_flat_state(keys), nnx.from_flat_state(counts))
+
+
 class _HostCounter(np.ndarray):
   """A 0-d counter whose reads are copies. The stream computes `fold_in(key, count[...])` and then
   increments the counter in place; JAX may alias a numpy buffer zero-copy while the dispatch is

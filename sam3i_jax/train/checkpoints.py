@@ -134,6 +134,12 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()  # waits for the saves in flight
+
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `state` (arrays or structs) carrying `shardings` (a matching pytree)."""

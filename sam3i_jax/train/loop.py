@@ -34,7 +34,7 @@ from sam3i_jax.evaluation.evaluate import evaluate, format_table
 from sam3i_jax.losses.objective import ObjectiveConfig
 from sam3i_jax.models.adapters import copy_mask_predictor, migrate_to_complex
 from sam3i_jax.models.config import get_preset
-from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
+from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs, seed_dropout_streams
 from sam3i_jax.pretrained import load_pretrained, read_config, save_pretrained
 from sam3i_jax.tokenizer import find_vocab
 from sam3i_jax.train import optimizer as optimizer_lib
@@ -109,10 +109,13 @@ def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
   return Sam3Image(model_config(config), rngs=host_counted_rngs(config.seed))
 
 
-def enter_stage(model: nnx.Module, stage: int, previous: int | None) -> None:
+def enter_stage(model: nnx.Module, stage: int, previous: int | None, seed: int) -> None:
   """The state changes at the start of a stage: the mask-predictor copies follow SAM 3's own
   predictor whenever the adapters are added to a SAM 3 model (start of stage 1 from stage 0 or
-  a SAM 3 checkpoint); stage 2 after stage 1 migrates the simple path into the complex one."""
+  a SAM 3 checkpoint); stage 2 after stage 1 migrates the simple path into the complex one.
+  Every dropout stream restarts from (seed, stage), so a stage trains the same whether the
+  previous one ran in this process or was loaded from its final directory on a restart."""
+  seed_dropout_streams(model, jax.random.fold_in(jax.random.key(seed), stage))
   if stage == 1 and previous in (None, 0):
     nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
   elif stage == 2 and previous == 1:
@@ -186,59 +189,60 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
                     param_axes=tuple(config.mesh.param_axes),
                     rules=tuple(config.mesh.logical_rules))
   iterator = pipeline.iterator()
-  checkpoints = Checkpoints(os.path.join(stage_dir, "checkpoints"),
-                            keep=config.train.keep_checkpoints)
-  step = 0
-  if checkpoints.latest_step() is not None:
-    abstract = abstract_with_shardings(trainer.state, trainer.state_shardings)
-    trainer.state, meta = checkpoints.restore(None, abstract, iterator)
-    step = int(meta["step"])
-    _log(f"stage {stage}: resumed at step {step} from {checkpoints.directory}")
-    trainer.set_config(step_config(step))
-
-  start, start_step, last = time.time(), step, {}
-  stop_at = step + config.train.stop_after_steps if config.train.stop_after_steps else num_steps
-  while step < min(num_steps, stop_at):
-    if step == binary_from:
-      _log(f"stage {stage} step {step}: binary classification targets from here on")
+  # Leaving the block waits for the checkpoints begun in it, also when a step fails.
+  with Checkpoints(os.path.join(stage_dir, "checkpoints"), keep=config.train.keep_checkpoints,
+                   async_save=config.train.async_checkpoints) as checkpoints:
+    step = saved = 0
+    if checkpoints.latest_step() is not None:
+      abstract = abstract_with_shardings(trainer.state, trainer.state_shardings)
+      trainer.state, meta = checkpoints.restore(None, abstract, iterator)
+      step = saved = int(meta["step"])
+      _log(f"stage {stage}: resumed at step {step} from {checkpoints.directory}")
       trainer.set_config(step_config(step))
-    host_batch = next(iterator)
-    batch = input_pipeline.make_global_batch(host_batch, mesh, data_axes)
-    metrics = trainer.step(batch)
-    step += 1
-    if not _finite(metrics):
-      ids = np.asarray(host_batch["datapoint_id"]).tolist()
-      raise NonFiniteLossError(
-          f"stage {stage} step {step}: loss {float(metrics['loss'])}, gradient norm "
-          f"{float(metrics['grad_norm'])}, parameter norm {float(metrics['param_norm'])} "
-          f"(datapoint ids {ids}); the last good checkpoint (step "
-          f"{checkpoints.latest_step()}) in {checkpoints.directory} is kept")
-    if step % config.train.log_every == 0 or step == num_steps:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.time() - start
-      rate = (step - start_step) * config.train.global_batch / max(elapsed, 1e-9)
-      eta = (num_steps - step) * config.train.global_batch / max(rate, 1e-9)
-      log.write("train", stage, step, {**last, "examples_per_s": rate})
-      lrs = " ".join(f"{k[3:]} {v:.2e}" for k, v in last.items() if k.startswith("lr/"))
-      terms = " ".join(f"{k} {v:.3f}" for k, v in last.items()
-                       if k.endswith("/loss") or k.startswith("align/"))
-      _log(f"stage {stage} step {step}/{num_steps} loss {last['loss']:.3f} ({terms}) "
-           f"lr {lrs} | {rate:.1f} ex/s, ETA {eta / 60:.1f} min")
-    if step % config.train.checkpoint_every == 0 and step < num_steps:
-      checkpoints.save(step, trainer.state, iterator, {"stage": stage})
-    if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
-      run_evaluation(config, trainer.model(), mesh, stage, step, log, stage_dir)
-      trainer.model().train()
-  if checkpoints.latest_step() != step:
-    checkpoints.save(step, trainer.state, iterator, {"stage": stage, **last})
-  checkpoints.wait()
-  if step < num_steps:
-    _log(f"stage {stage}: stopped at step {step}/{num_steps} (stop_after_steps); checkpoint in "
-         f"{checkpoints.directory}; run again to resume")
-    return None, step
-  model = trainer.model()
-  model.eval()
-  return model, step
+
+    start, start_step, last = time.time(), step, {}
+    stop_at = step + config.train.stop_after_steps if config.train.stop_after_steps else num_steps
+    while step < min(num_steps, stop_at):
+      if step == binary_from:
+        _log(f"stage {stage} step {step}: binary classification targets from here on")
+        trainer.set_config(step_config(step))
+      host_batch = next(iterator)
+      batch = input_pipeline.make_global_batch(host_batch, mesh, data_axes)
+      metrics = trainer.step(batch)
+      step += 1
+      if not _finite(metrics):
+        ids = np.asarray(host_batch["datapoint_id"]).tolist()
+        raise NonFiniteLossError(
+            f"stage {stage} step {step}: loss {float(metrics['loss'])}, gradient norm "
+            f"{float(metrics['grad_norm'])}, parameter norm {float(metrics['param_norm'])} "
+            f"(datapoint ids {ids}); the last good checkpoint (step {saved}) in "
+            f"{checkpoints.directory} is kept")
+      if step % config.train.log_every == 0 or step == num_steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - start
+        rate = (step - start_step) * config.train.global_batch / max(elapsed, 1e-9)
+        eta = (num_steps - step) * config.train.global_batch / max(rate, 1e-9)
+        log.write("train", stage, step, {**last, "examples_per_s": rate})
+        lrs = " ".join(f"{k[3:]} {v:.2e}" for k, v in last.items() if k.startswith("lr/"))
+        terms = " ".join(f"{k} {v:.3f}" for k, v in last.items()
+                         if k.endswith("/loss") or k.startswith("align/"))
+        _log(f"stage {stage} step {step}/{num_steps} loss {last['loss']:.3f} ({terms}) "
+             f"lr {lrs} | {rate:.1f} ex/s, ETA {eta / 60:.1f} min")
+      if step % config.train.checkpoint_every == 0 and step < num_steps:
+        checkpoints.save(step, trainer.state, iterator, {"stage": stage})
+        saved = step
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < num_steps:
+        run_evaluation(config, trainer.model(), mesh, stage, step, log, stage_dir)
+        trainer.model().train()
+    if saved != step:
+      checkpoints.save(step, trainer.state, iterator, {"stage": stage, **last})
+    if step < num_steps:
+      _log(f"stage {stage}: stopped at step {step}/{num_steps} (stop_after_steps); checkpoint in "
+           f"{checkpoints.directory}; run again to resume")
+      return None, step
+    model = trainer.model()
+    model.eval()
+    return model, step
 
 
 def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
@@ -298,7 +302,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         previous = stage
         continue
       model = model if model is not None else initial_model(config)
-      enter_stage(model, stage, previous)
+      enter_stage(model, stage, previous, config.seed)
       if (config.eval.before_training and INITIAL not in results
           and not os.path.isdir(os.path.join(stage_dir, "checkpoints"))):
         results[INITIAL] = run_evaluation(config, model, mesh, stage, 0, log,

@@ -54,19 +54,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class MeshShapeError(ValueError):
+  """A mesh shape that the devices cannot be laid out in."""
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; -1 in one place takes the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+    raise MeshShapeError(f"mesh shape needs {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1:
-    raise ValueError(f"at most one -1 in the mesh shape, got {shape}")
+    raise MeshShapeError(f"at most one -1 in the mesh shape, got {shape}")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices; "
+    raise MeshShapeError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices; "
                      f"{len(devices)} available")
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

@@ -1,4 +1,4 @@
-"""Parity of the vision backbone (ViT trunk + SimpleFPN neck) with Meta's PyTorch SAM 3."""
+"""Parity of the vision backbone (sam3i_jax.models.vit and neck) with Meta's PyTorch SAM 3."""
 
 import itertools
 

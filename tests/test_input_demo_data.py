@@ -2,7 +2,6 @@
 targets, read through the real reader."""
 
 import json
-import time
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -49,11 +48,10 @@ def test_layout_determinism_and_stamp(small, tmp_path):
   assert (other / "mine").exists()
 
 
-def test_default_set_generates_in_seconds(tmp_path, monkeypatch):
+def test_default_set_is_small_and_fills_every_subset(tmp_path, monkeypatch):
+  """(Its generation time is measured by benchmarks/input_pipeline.py.)"""
   monkeypatch.setenv(demo_data.ENV_VAR, str(tmp_path))
-  start = time.perf_counter()
   root = demo_data.ensure_demo_data()
-  assert time.perf_counter() - start < 30
   assert root == tmp_path / "demo_hmpl"
   sizes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
   assert sizes < 10 * 2**20

@@ -1,4 +1,5 @@
-"""Mesh construction and the logical-axis tables (multi-device runs: test_train_sharded.py)."""
+"""Mesh construction and the logical-axis tables (sam3i_jax.train.sharding); multi-device steps:
+test_train_loop.py's sharded check (tests/train_sharded_check.py)."""
 
 import collections
 
@@ -8,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from sam3i_jax import partition
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import abstract_model
 from sam3i_jax.train import sharding
@@ -46,20 +48,37 @@ def test_logical_axes_rules_and_unknown_parameter():
     sharding.logical_axes("x.mystery", 2)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "full"])
-def test_every_parameter_is_named_and_the_big_ones_are_sharded(preset):
-  model = abstract_model(get_preset(preset))
-  params = nnx.state(model, nnx.Param)
+@pytest.mark.parametrize("preset, adapters", [("tiny", False), ("tiny", True), ("full", False),
+                                               ("full", True)])
+def test_every_parameter_is_named_and_the_big_ones_are_sharded(preset, adapters):
+  """Every parameter has logical axes. At full size FSDP over 4 devices shards all but ~0.1% of
+  SAM 3's parameters, and of what each SAM3-I stage trains (stage 3: 314M, both paths' adapters)
+  it leaves only biases and norm scales whole (~0.2%)."""
+  model = abstract_model(get_preset(preset, adapters=adapters))
   mesh = FakeMesh(data=2, fsdp=4, tensor=1)
-  replicated = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = sharding.logical_axes(sharding.dotted(path), len(leaf.shape))
-    spec = sharding.partition_spec(names, leaf.shape, mesh)
-    if all(axis is None for axis in spec):
-      replicated += int(np.prod(leaf.shape))
-  total = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-  if preset == "full":  # FSDP over 4 devices leaves ~0.1% of the 840M parameters replicated
-    assert replicated < 0.002 * total, (replicated, total)
+
+  def replicated_and_total(state) -> tuple[dict[str, int], int]:
+    replicated, total = {}, 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+      names = sharding.logical_axes(sharding.dotted(path), len(leaf.shape))
+      spec = sharding.partition_spec(names, leaf.shape, mesh)
+      size = int(np.prod(leaf.shape))
+      total += size
+      if all(axis is None for axis in spec):
+        replicated[sharding.dotted(path)] = size
+    return replicated, total
+
+  replicated, total = replicated_and_total(nnx.state(model, nnx.Param))
+  if preset == "full":
+    assert sum(replicated.values()) < 0.002 * total, (sum(replicated.values()), total)
+  if adapters:
+    for stage, at_least in ((1, 100e6), (2, 200e6), (3, 300e6)):
+      replicated, total = replicated_and_total(nnx.state(model, partition.trainable(stage)))
+      if preset == "full":
+        assert total > at_least, (stage, total)
+        assert sum(replicated.values()) < 0.005 * total, (stage, sum(replicated.values()), total)
+        assert all(path.endswith((".bias", ".scale")) for path in replicated), (
+            stage, [p for p in replicated if not p.endswith((".bias", ".scale"))])
 
 
 def test_make_mesh_shapes_and_errors():
