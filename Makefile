@@ -25,8 +25,10 @@ venv-test: $(VENV)/.test-stamp
 demo: venv
 	$(PY) main.py --config=configs/hmpl.py:demo
 
+# Two runs: the suite on 2 workers, then the tests marked `alone` (see pyproject.toml) by themselves.
 test: venv-test
-	$(PY) -m pytest -n 2 --dist loadgroup -ra --durations=25
+	$(PY) -m pytest -n 2 --dist loadgroup -ra --durations=25 -m "not alone"
+	$(PY) -m pytest -ra --durations=5 -m alone
 
 clean:
 	rm -rf $(VENV)

@@ -33,6 +33,11 @@ def main(argv):
              "process_id": _PROCESS_ID.value}
   if _MULTIHOST.value:
     jax.distributed.initialize(**cluster)
+    # All processes have just joined: a first collective now sets up the collectives' context
+    # among them (CPU's gloo allows a late peer 30 s there; processes drift apart later, e.g.
+    # while compiling on a loaded machine).
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("main.py: all processes joined")
   elif any(value is not None for value in cluster.values()):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from sam3i_jax.train import loop

@@ -10,5 +10,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))  # sam3_cpu and parity helpers
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+  """One persistent compilation cache for the training runs of the whole session (shared by the
+  xdist workers and the main.py subprocesses): the same tiny-model programs compile once."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above each worker's own
+  return root / "jax_cache"

@@ -81,8 +81,9 @@ def last_train_rows(workdir) -> dict[int, dict]:
 
 
 @pytest.mark.xdist_group("train_loop")
-def test_killed_between_and_during_checkpoints_then_rerun_equals_uninterrupted(tmp_path):
-  cache = tmp_path / "jax_cache"
+def test_killed_between_and_during_checkpoints_then_rerun_equals_uninterrupted(tmp_path,
+                                                                               jax_cache):
+  cache = jax_cache
   straight, crashed = tmp_path / "straight", tmp_path / "crashed"
   checkpoint_dir = crashed / "stage1" / "checkpoints"
   result = run_main(*training_flags(straight, cache))

@@ -61,7 +61,8 @@ def test_sharded_step_equals_single_device_step():
 
 
 @pytest.mark.xdist_group("train_loop")
-def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                  jax_cache):
   """A NaN image in the third batch: the run stops naming the step and the datapoints, and the
   checkpoint of step 2 stays the latest."""
   real = input_pipeline.make_global_batch
@@ -75,7 +76,7 @@ def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
   monkeypatch.setattr(input_pipeline, "make_global_batch", poisoned)
   workdir = tmp_path / "nan"
-  config = smoke_config(workdir, tmp_path / "jax_cache")
+  config = smoke_config(workdir, jax_cache)
   config.unlock()
   config.train.checkpoint_every = 1
   config.eval.before_training = False  # its batches would go through make_global_batch too
@@ -120,11 +121,11 @@ def final_params(workdir, stage: int) -> dict:
 
 @pytest.mark.xdist_group("train_loop")
 def test_curriculum_resumes_mid_stage3_skips_finished_stages_and_keeps_frozen_weights(
-    tmp_path, capsys):
+    tmp_path, capsys, jax_cache):
   """Stages 1 -> 2 -> 3 through the loop (stage 2's migration, stage 3's two branches and
   alignment losses, an evaluation after each stage), against a rerun that finds stages 1 and 2
   finished, stops in the middle of stage 3 and resumes."""
-  cache = tmp_path / "jax_cache"
+  cache = jax_cache
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   results = loop.run(curriculum_config(straight, cache))
   assert {"stage1", "stage2", "stage3"} <= results.keys()
