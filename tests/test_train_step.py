@@ -26,6 +26,9 @@ STAGE = 1
 BATCH = 8
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-6
+# XLA:CPU without its expensive optimisation passes: both runs compile the same way, in half the time.
+FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
+                "xla_llvm_disable_expensive_passes": True}
 
 
 def batch_of(config, seed: int = 0) -> dict:
@@ -54,7 +57,7 @@ def train(accum_steps: int, loss_replicas: int, batch: dict, config):
   objective = ObjectiveConfig(stage=STAGE, num_replicas=loss_replicas)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))
   trainer = Trainer(model, tx, partition.trainable(STAGE), make_mesh((1, 1, 1)),
-                    StepConfig(objective, accum_steps))
+                    StepConfig(objective, accum_steps), compiler_options=FAST_COMPILE)
   metrics = [jax.device_get(trainer.step(batch)) for _ in range(2)]
   trained = nnx.state(trainer.model(), partition.trainable(STAGE))
   return metrics, {k: np.asarray(v) for k, v in nnx.to_flat_state(trained)}
