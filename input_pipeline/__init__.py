@@ -19,5 +19,6 @@ from input_pipeline.transforms import (BATCH_KEYS, HOST_KEY, ExampleSpec, concep
 __all__ = [
     "BATCH_KEYS", "HOST_KEY", "RELEASED_MIXTURE", "BadInputError", "ExampleSpec", "InputReport",
     "Pipeline", "Record", "concept_id", "dataset_entry", "default_config", "eval_pipeline",
-    "host_local_batch", "make_global_batch", "read_hmpl_json", "split_host_fields", "train_pipeline", "train_sizes",
+    "host_local_batch", "make_global_batch", "read_hmpl_json", "split_host_fields",
+    "train_pipeline", "train_sizes",
 ]

@@ -20,6 +20,7 @@ from convert.sam3 import IGNORED_GROUPS
 from convert.torch_layout import load_state_dict
 from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.models.config import Sam3Config, get_preset
+from xla_cpu import FAST_COMPILE  # noqa: F401  (tests use parity.FAST_COMPILE)
 
 # Relative L2 tolerances at float32 with highest matmul precision (issue #2).
 TOL_SMALL = 1e-5
@@ -60,12 +61,6 @@ def load_into(module, state_dict: dict, prefix: str) -> None:
   groups the converter knowingly ignores (freqs_cis, text_projection, ...)."""
   sub = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
   load_state_dict(module, sub, prefix=prefix, ignore=IGNORED_GROUPS)
-
-
-# XLA's CPU backend spends seconds per compile at full optimisation; these options cut test compile
-# time ~4x and leave float32 results within ~1e-6 of the default build (well inside TOL_SMALL).
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 
 
 def build(make, state_dict: dict, prefix: str):

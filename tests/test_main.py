@@ -17,9 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from sam3i_jax.pretrained import load_pretrained
+from run_records import final_params, logged_rows, train_rows
 from sam3i_jax.train import loop
 from sam3i_jax.train.checkpoints import Checkpoints
 
@@ -69,15 +68,8 @@ def training_flags(workdir, cache) -> list[str]:
   ]
 
 
-def final_params(workdir) -> dict:
-  model = load_pretrained(os.path.join(workdir, "stage1", loop.FINAL_DIR))
-  return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def last_train_rows(workdir) -> dict[int, dict]:
-  """Step -> the train row logged last for it (a rerun logs the steps after its resume again)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f) if r["kind"] == "train"}
 
 
 @pytest.mark.xdist_group("train_loop")
@@ -112,15 +104,14 @@ def test_killed_between_and_during_checkpoints_then_rerun_equals_uninterrupted(t
   assert "stage 1 step 3: binary classification targets from here on" in result.stdout
 
   # The evaluation before training ran once, in the first run, and the table shows both phases.
-  with open(crashed / "metrics.jsonl") as f:
-    assert [r["step"] for r in map(json.loads, f) if r["kind"] == "eval"] == [0, STEPS]
+  assert [row["step"] for row in logged_rows(crashed, "eval")] == [0, STEPS]
   with open(crashed / "metrics.json") as f:
     table = loop.progress_table(json.load(f)).splitlines()
   assert table[1].split() == ["level", loop.INITIAL, "stage1"] and table[2].startswith("simple")
   assert list((crashed / "stage1" / "predictions").glob("simple_*.png"))
   assert list((crashed / "tensorboard").iterdir())
 
-  want, got = last_train_rows(straight), last_train_rows(crashed)
+  want, got = train_rows(straight), train_rows(crashed)
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   for step in range(1, STEPS + 1):
     for key in ("loss", "grad_norm", "param_norm"):

@@ -22,10 +22,8 @@ import sys
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from sam3i_jax.pretrained import load_pretrained
-from sam3i_jax.train import loop
+from run_records import final_params, logged_rows, train_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRAPPER = os.path.join(os.path.dirname(__file__), "instrumented_main.py")
@@ -83,14 +81,8 @@ def run_main(workdir, cache, processes: int, stop_after: int = 0) -> None:
     raise AssertionError(f"main.py in {processes} process(es) failed:\n{tails}")
 
 
-def train_rows(workdir) -> dict[int, dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f) if r["kind"] == "train"}
 
 
-def eval_rows(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r["kind"] == "eval"]
 
 
 def fed(workdir, process: int, kind: str) -> list[list[int]]:
@@ -100,9 +92,6 @@ def fed(workdir, process: int, kind: str) -> list[list[int]]:
   return [[i for i, v in zip(r["ids"], r["valid"]) if v] for r in rows]
 
 
-def final_params(workdir) -> dict:
-  model = load_pretrained(os.path.join(workdir, "stage1", loop.FINAL_DIR))
-  return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def resume_from(source, workdir) -> None:
@@ -159,7 +148,7 @@ def test_two_processes_train_evaluate_and_checkpoint_like_one(tmp_path, jax_cach
   first, second = fed(two_last, 0, "eval"), fed(two_last, 1, "eval")
   assert sum(map(len, first)) == sum(map(len, second)) == EVAL_SAMPLES // 2
   assert not set(sum(first, [])) & set(sum(second, []))
-  (want,), (got,) = eval_rows(one_last), eval_rows(two_last)
+  (want,), (got,) = logged_rows(one_last, "eval"), logged_rows(two_last, "eval")
   assert got["all/count"] == want["all/count"] == EVAL_SAMPLES
   for key, value in want.items():
     if key.endswith(("/count", "IoU", "P@0.5")):

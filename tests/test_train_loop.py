@@ -16,6 +16,7 @@ from flax import nnx
 import input_pipeline
 from configs import hmpl
 from sam3i_jax import partition
+from run_records import final_params, params, train_rows
 from sam3i_jax.pretrained import load_pretrained
 from sam3i_jax.train import loop
 from sam3i_jax.train.checkpoints import Checkpoints
@@ -106,17 +107,10 @@ def curriculum_config(workdir, cache_dir, stop_after_steps: int = 0):
   return config
 
 
-def stage_rows(workdir, stage: int) -> dict[int, dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f) if r["kind"] == "train" and r["stage"] == stage}
 
 
-def params(model) -> dict:
-  return {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def final_params(workdir, stage: int) -> dict:
-  return params(load_pretrained(os.path.join(workdir, f"stage{stage}", loop.FINAL_DIR)))
 
 
 @pytest.mark.xdist_group("train_loop")
@@ -147,7 +141,7 @@ def test_curriculum_resumes_mid_stage3_skips_finished_stages_and_keeps_frozen_we
   assert again["stage3"] == results["stage3"]
 
   # Stage 3 after a restart and a mid-stage resume is the uninterrupted stage 3, bit for bit.
-  want, got = stage_rows(straight, 3), stage_rows(resumed, 3)
+  want, got = train_rows(straight, 3), train_rows(resumed, 3)
   assert sorted(got) == sorted(want) == [1, 2, 3, 4]
   for step in want:
     for key in ("loss", "simple/loss", "complex/loss", "align/infonce", "grad_norm"):

@@ -21,14 +21,12 @@ from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
 from sam3i_jax.train.sharding import make_mesh
 from sam3i_jax.train.step import StepConfig, Trainer
+from xla_cpu import FAST_COMPILE
 
 STAGE = 1
 BATCH = 8
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-6
-# XLA:CPU without its expensive optimisation passes: both runs compile the same way, in half the time.
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 
 
 def batch_of(config, seed: int = 0) -> dict:

@@ -30,10 +30,9 @@ from sam3i_jax.train import sharding  # noqa: E402
 from sam3i_jax.train.checkpoints import Checkpoints, abstract_with_shardings  # noqa: E402
 from sam3i_jax.train.step import StepConfig, Trainer  # noqa: E402
 from sam3i_jax.tree_paths import dotted  # noqa: E402
+from xla_cpu import FAST_COMPILE  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0,
-                "xla_llvm_disable_expensive_passes": True}
 STAGE = 1
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 

@@ -70,8 +70,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     known = int(np.prod([s for s in shape if s != -1]))
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise MeshShapeError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices; "
-                     f"{len(devices)} available")
+    raise MeshShapeError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} "
+                         f"devices; {len(devices)} available")
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
