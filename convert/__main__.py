@@ -1,5 +1,9 @@
 """Command line:
   python -m convert sam3 --checkpoint PATH/sam3.pt --output DIR [--adapters]
+  python -m convert sam3 --checkpoint PATH/sam3.1_multiplex.pt --output DIR   (SAM 3.1; also its
+                                                           fp16 safetensors repackage)
+  python -m convert hf-sam3 --checkpoint HF_DIR --output DIR  (transformers' Sam3Model.save_pretrained
+                                                           directory, or its model.safetensors)
   python -m convert sam3i --checkpoint PATH/checkpoint.pt --output DIR
   python -m convert migrate --input OLD_DIR --output DIR   (a converted directory written before
                                                            layers were stacked -> current layout)
@@ -17,7 +21,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="kind", required=True)
-  sam3 = sub.add_parser("sam3", help="Meta's SAM 3 checkpoint (sam3.pt, {'model': ...} dict or safetensors)")
+  sam3 = sub.add_parser("sam3", help="Meta's SAM 3 or SAM 3.1 checkpoint (sam3.pt, sam3.1_multiplex.pt, "
+                        "a {'model': ...} dict or safetensors, float32 or 16-bit)")
   sam3.add_argument("--adapters", action="store_true",
                     help="build the SAM3-I model: adapters added at their identity init")
   sam3i = sub.add_parser("sam3i", help="a SAM3-I checkpoint (torch.save dict with 'model')")
@@ -27,6 +32,11 @@ def main(argv=None) -> int:
     command.add_argument("--preset", default="full", help="Sam3Config preset for sizes shapes do not fix")
     command.add_argument("--model-config", help="JSON file of Sam3Config fields overriding the preset")
     command.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
+  hf = sub.add_parser("hf-sam3", help="Hugging Face transformers' Sam3Model (save_pretrained "
+                      "directory or its model.safetensors; sizes from its config.json)")
+  hf.add_argument("--checkpoint", required=True, help="the save_pretrained directory (or model.safetensors)")
+  hf.add_argument("--output", required=True, help="new directory for the converted model")
+  hf.add_argument("--vocab", help="CLIP BPE vocab file to copy (default: found as the tokenizer does)")
   migrate = sub.add_parser("migrate", help="a converted directory of an earlier layout (per-layer "
                            "parameters) rewritten in the current one (stacked layers)")
   migrate.add_argument("--input", required=True, help="the converted directory to migrate")
@@ -41,9 +51,13 @@ def main(argv=None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
     return 0
+  from convert.hf_sam3 import convert_hf_sam3
   from convert.sam3 import convert_sam3, load_model_config
   from convert.sam3i import convert_sam3i
   try:
+    if args.kind == "hf-sam3":
+      convert_hf_sam3(args.checkpoint, args.output, vocab_path=args.vocab)
+      return 0
     base = load_model_config(args.preset, args.model_config)
     if args.kind == "sam3":
       convert_sam3(args.checkpoint, args.output, base=base, vocab_path=args.vocab, adapters=args.adapters)

@@ -31,6 +31,13 @@ class TensorStore(MutableMapping):
       return t.cpu().numpy()
     return np.asarray(t)
 
+  def __contains__(self, key) -> bool:  # without reading the tensor, as Mapping's would
+    return key in self._tensors
+
+  def raw(self, key: str):
+    """The tensor as stored (torch or numpy), not converted."""
+    return self._tensors[key]
+
   def __setitem__(self, key, value):
     self._tensors[key] = value
 
@@ -42,6 +49,14 @@ class TensorStore(MutableMapping):
 
   def __len__(self) -> int:
     return len(self._tensors)
+
+  def dtypes(self) -> dict[str, int]:
+    """{dtype name as stored: number of tensors}, e.g. {"float16": 1133} (reads no data)."""
+    counts: dict[str, int] = {}
+    for t in self._tensors.values():
+      name = str(t.dtype).removeprefix("torch.")
+      counts[name] = counts.get(name, 0) + 1
+    return counts
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._tensors[key].shape)

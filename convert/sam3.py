@@ -19,23 +19,68 @@ from sam3i_jax.models.sam3 import Sam3Image, abstract_model, host_counted_rngs
 from sam3i_jax.models.vit import rope_tables
 from sam3i_jax.partition import ADDITIONS, addition_of
 
-# Tensors of sam3.pt that the image model knowingly does not use (reported, never silent).
-IGNORED_GROUPS = {
-    "video tracker (tracker.*)": lambda k: k.startswith("tracker."),
-    "SAM 2 neck copy for the interactive tracker (sam2_convs)":
-        lambda k: k.startswith("backbone.vision_backbone.sam2_convs."),
-    "RoPE tables (freqs_cis; verified, then recomputed)": lambda k: k.endswith(".attn.freqs_cis"),
+_NECK = "backbone.vision_backbone."
+# Tensors of a SAM 3 / SAM 3.1 checkpoint that the image model knowingly does not use (reported,
+# never silent), by variant (sam3i_jax.models.config.VARIANTS).
+UNUSED_TEXT_PROJECTION = {
     "unused text projection (text_projection)":
         lambda k: k == "backbone.language_backbone.encoder.text_projection",
 }
+_IGNORED_IN_BOTH = {
+    "video tracker (tracker.*)": lambda k: k.startswith("tracker."),
+    "RoPE tables (freqs_cis; verified, then recomputed)": lambda k: k.endswith(".attn.freqs_cis"),
+    **UNUSED_TEXT_PROJECTION,
+}
+IGNORED_GROUPS = {  # sam3.pt
+    **_IGNORED_IN_BOTH,
+    "SAM 2 neck copy for the interactive tracker (sam2_convs)":
+        lambda k: k.startswith(_NECK + "sam2_convs."),
+}
+SAM31_IGNORED = {  # sam3.1_multiplex.pt: Sam3TriViTDetNeck's two tracker branches
+    **_IGNORED_IN_BOTH,
+    "the tracker's interactive neck (interactive_convs)":
+        lambda k: k.startswith(_NECK + "interactive_convs."),
+    "the tracker's propagation neck (propagation_convs)":
+        lambda k: k.startswith(_NECK + "propagation_convs."),
+}
+IGNORED_BY_VARIANT = {"sam3": IGNORED_GROUPS, "sam3.1": SAM31_IGNORED}
+# The ignored neck branches above are copies of `convs` in layout: checked tensor by tensor, so
+# that a stray tensor under their names is an error, not silently ignored.
+NECK_COPIES = {"sam3": ("sam2_convs",), "sam3.1": ("interactive_convs", "propagation_convs")}
+VARIANT_NAMES = {"sam3": "SAM 3 (sam3.pt layout)",
+                 "sam3.1": "SAM 3.1 (sam3.1_multiplex.pt layout; its detector is converted)"}
+# Only SAM 3.1's vision neck has a propagation branch.
+SAM31_MARKER = _NECK + "propagation_convs.0.conv_1x1.weight"
 
-_TRUNK = "backbone.vision_backbone.trunk."
+_TRUNK = _NECK + "trunk."
 _TEXT = "backbone.language_backbone."
 
 
 def strip_detector_prefix(store: TensorStore) -> TensorStore:
   """`detector.X` -> `X`; `tracker.*` keys are kept as they are (and then ignored)."""
   return store.rename(lambda k: k[len("detector."):] if k.startswith("detector.") else k)
+
+
+def detect_variant(store: TensorStore) -> str:
+  """"sam3.1" for the detector of sam3.1_multiplex.pt (or a repackage of it), else "sam3"."""
+  return "sam3.1" if SAM31_MARKER in store else "sam3"
+
+
+def check_neck_copies(store: TensorStore, variant: str) -> None:
+  """Every tensor of the variant's tracker neck branches must mirror one of `convs` (same name
+  after the branch, same shape): the converter ignores these branches, so anything else under
+  their names is a tensor it does not know."""
+  strays = []
+  for branch in NECK_COPIES[variant]:
+    prefix = f"{_NECK}{branch}."
+    for key in (k for k in store if k.startswith(prefix)):
+      mirror = f"{_NECK}convs.{key[len(prefix):]}"
+      if mirror not in store or store.shape(mirror) != store.shape(key):
+        strays.append(f"{key} {store.shape(key)}: "
+                      + (f"{mirror} is {store.shape(mirror)}" if mirror in store else f"no {mirror}"))
+  if strays:
+    raise ConversionError("tensors under the tracker's neck branches that do not mirror the "
+                          "detector's `convs`:\n  " + "\n  ".join(strays))
 
 
 def _count(store: TensorStore, pattern: str) -> int:
@@ -152,8 +197,12 @@ def convert_sam3(checkpoint: str, output: str, *, base: Sam3Config | None = None
   if any(addition_of(k) for k in store):
     raise ConversionError(f"{checkpoint} holds SAM3-I parameters: convert it with "
                           "`python -m convert sam3i`")
-  config = (base or get_preset("full")).replace(**({"adapters": True} if adapters else {}))
-  return convert_store(store, checkpoint, output, config, ignore=IGNORED_GROUPS,
+  variant = detect_variant(store)
+  log(f"{checkpoint}: a {VARIANT_NAMES[variant]} checkpoint (variant {variant!r})")
+  check_neck_copies(store, variant)
+  config = (base or get_preset("full")).replace(variant=variant,
+                                                **({"adapters": True} if adapters else {}))
+  return convert_store(store, checkpoint, output, config, ignore=IGNORED_BY_VARIANT[variant],
                        fresh=sam3i_fresh() if adapters else {}, vocab_path=vocab_path, log=log,
                        start=start)
 
@@ -166,9 +215,16 @@ def convert_store(store: TensorStore, source: str, output: str, base: Sam3Config
   from sam3i_jax.tokenizer import find_vocab
 
   total = len(store)
+  source_dtypes = store.dtypes()
   config = resolve_config(store, base)
-  log(f"read {total} tensors from {source}; model config checked against their shapes")
-  log(f"verified {verify_rope_tables(store, config)} RoPE tables against the recomputed ones")
+  log(f"read {total} tensors from {source} ({_counts(source_dtypes)}); model config checked "
+      "against their shapes")
+  upcast = {d: n for d, n in source_dtypes.items() if d in ("float16", "bfloat16")}
+  if upcast:
+    log(f"upcast {_counts(upcast)} tensors to float32")
+  verified = verify_rope_tables(store, config)
+  log(f"verified {verified} RoPE tables against the recomputed ones" if verified else
+      "no RoPE tables (freqs_cis) in the checkpoint: the model computes them")
   model = abstract_model(config)
   report = load_state_dict(model, store, ignore=ignore, fresh=fresh, strict=False)
   partial = [reason for reason in report.fresh if any(fresh[reason](k) for k in report.loaded)]
@@ -182,12 +238,17 @@ def convert_store(store: TensorStore, source: str, output: str, base: Sam3Config
     log(f"not in the checkpoint, initialised {len(keys)} parameters: {reason}")
   initialise(model, config, [k for keys in report.fresh.values() for k in keys])
   vocab = vocab_path or find_vocab()
-  summary = {"source": source, "tensors_in_checkpoint": total, "loaded": len(report.loaded),
+  summary = {"source": source, "variant": config.variant, "source_dtypes": source_dtypes,
+             "tensors_in_checkpoint": total, "loaded": len(report.loaded),
              "ignored": {r: len(k) for r, k in report.ignored.items()},
              "initialised": {r: len(k) for r, k in report.fresh.items()}, "config": config.to_dict()}
   save_pretrained(model, config, output, vocab_path=vocab, report=summary)
   log(f"wrote {output} in {time.time() - start:.1f}s")
   return report
+
+
+def _counts(counts: dict[str, int]) -> str:
+  return ", ".join(f"{n} {name}" for name, n in counts.items())
 
 
 def initialise(model: nnx.Module, config: Sam3Config, keys: list[str], seed: int = 0) -> None:

@@ -37,7 +37,7 @@ BOX_BUCKET = 4  # box prompts are padded to a multiple of this, so most new prom
 @dataclasses.dataclass
 class Prediction:
   boxes_xyxy: np.ndarray  # (K, 4) float32, pixels of the original image
-  scores: np.ndarray  # (K,) float32, sigmoid(logit) * sigmoid(presence)
+  scores: np.ndarray  # (K,) float32, sigmoid(logit) * sigmoid(presence) (SAM 3.1: in the logit)
   masks: np.ndarray  # (K, H, W) bool
   image_size: tuple[int, int]  # (H, W)
 
@@ -111,7 +111,8 @@ class Predictor:
     out = jax.device_get(out)
     h, w = encoded.image.shape[:2]
     kept = postprocess(out["pred_logits"], out["pred_boxes"], out["pred_masks"], out["presence_logit"],
-                       (h, w), threshold=threshold)
+                       (h, w), threshold=threshold,
+                       presence_in_logits=self.config.joint_presence_scores)
     return Prediction(np.asarray(kept["boxes_xyxy"], np.float32), np.asarray(kept["scores"], np.float32),
                       np.asarray(kept["masks"], bool), (h, w))
 

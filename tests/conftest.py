@@ -3,11 +3,15 @@
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+sys.path.insert(0, os.path.dirname(__file__))  # sam3_cpu and parity helpers
+from xla_cpu import xla_flags  # noqa: E402
+
+# Every program of the suite (and of the subprocesses, which inherit the environment) is compiled
+# with the fast-compile options: compiling, not running, is most of the suite's time.
+os.environ.setdefault("XLA_FLAGS", xla_flags())
 # The test lock installs libtpu (for the deviceless TPU compile test); without this JAX would try
 # to start a TPU runtime in every test process (and its subprocesses) of this CPU-only suite.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(__file__))  # sam3_cpu and parity helpers
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -113,13 +113,16 @@ def assert_outputs_match(ours: dict, ref: dict, tol: float) -> None:
     assert_close(ours[name], ref[ref_name], tol, name)
 
 
-def assert_same_kept_sets(ours: dict, ref: dict) -> None:
+def assert_same_kept_sets(ours: dict, ref: dict, presence_in_logits: bool = False) -> None:
   """Post-processing keeps the same queries and masks at the default threshold and at the
-  reference's median score (random weights rarely pass 0.5, so the second makes the check bite)."""
-  ref_scores = 1 / (1 + np.exp(-ref["pred_logits"][0, :, 0])) / (1 + np.exp(-ref["presence_logit_dec"][0, 0]))
+  reference's median score (random weights rarely pass 0.5, so the second makes the check bite).
+  presence_in_logits: SAM 3.1's scoring, whose reference score is sigmoid(pred_logits) alone."""
+  ref_scores = 1 / (1 + np.exp(-ref["pred_logits"][0, :, 0]))
+  if not presence_in_logits:
+    ref_scores = ref_scores / (1 + np.exp(-ref["presence_logit_dec"][0, 0]))
   for threshold in (0.5, float(np.median(ref_scores))):
     kept = [postprocess(o["pred_logits"][0], o["pred_boxes"][0], o["pred_masks"][0], o[p][0], (97, 131),
-                        threshold=threshold)
+                        threshold=threshold, presence_in_logits=presence_in_logits)
             for o, p in ((jax.device_get(ours), "presence_logit"), (ref, "presence_logit_dec"))]
     np.testing.assert_array_equal(kept[0]["query_index"], kept[1]["query_index"])
     np.testing.assert_allclose(kept[0]["scores"], kept[1]["scores"], rtol=1e-5)

@@ -1,20 +1,24 @@
-"""The key list of Meta's released `sam3.pt` (tests/data/sam3_pt_keys.tsv; origin in
-tests/data/README.md)."""
+"""The key lists of Meta's released `sam3.pt` and `sam3.1_multiplex.pt` (tests/data/*_keys.tsv;
+origin in tests/data/README.md)."""
 
 import os
 
-RELEASED_KEYS_TSV = os.path.join(os.path.dirname(__file__), "data", "sam3_pt_keys.tsv")
+DATA = os.path.join(os.path.dirname(__file__), "data")
+RELEASED_KEYS_TSV = {"sam3": os.path.join(DATA, "sam3_pt_keys.tsv"),
+                     "sam3.1": os.path.join(DATA, "sam3.1_multiplex_keys.tsv")}
 DETECTOR = "detector."
 
 
-def released_sam3_pt() -> dict[str, tuple[tuple[int, ...], str]]:
-  """name -> (shape, dtype) of every tensor in sam3.pt, in file order."""
+def released_sam3_pt(variant: str = "sam3") -> dict[str, tuple[tuple[int, ...], str]]:
+  """name -> (shape, dtype) of every tensor in sam3.pt (or, for "sam3.1", sam3.1_multiplex.pt), in
+  file order."""
+  path = RELEASED_KEYS_TSV[variant]
   table = {}
-  with open(RELEASED_KEYS_TSV) as f:
+  with open(path) as f:
     for number, line in enumerate(f, 1):
       fields = line.rstrip("\n").split("\t")
       if len(fields) != 3:
-        raise ValueError(f"{RELEASED_KEYS_TSV}:{number}: expected name, shape, dtype: {line!r}")
+        raise ValueError(f"{path}:{number}: expected name, shape, dtype: {line!r}")
       key, shape, dtype = fields
       table[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
   return table

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from sam3i_jax.losses.alignment import (AlignmentWeights, alignment_losses,
                                         concept_anchor_margin, hard_region_bce,
                                         instance_infonce, kl_alignment)
+from xla_cpu import xla_flags
 
 RTOL = 1e-5
 ATOL = 1e-7
@@ -403,7 +404,7 @@ def test_margin_without_other_concepts_is_zero():
 
 def test_gathered_on_four_devices_equals_single_device():
   script = os.path.join(os.path.dirname(__file__), "alignment_multidevice.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
                           timeout=300)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from xla_cpu import xla_flags
+
 SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
@@ -44,7 +46,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_make_global_batch_shards_the_batch_over_data_axes():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(__file__)))

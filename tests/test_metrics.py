@@ -9,6 +9,7 @@ from flax import nnx
 from input_pipeline import hmpl
 from sam3i_jax.evaluation import evaluate as evaluate_lib
 from sam3i_jax.evaluation import metrics
+from sam3i_jax.models.config import get_preset
 
 
 def box_mask(y0, y1, x0, x1, size=(10, 10)):
@@ -84,13 +85,19 @@ def test_add_counts_rejects_impossible_counts():
 
 class _DrawnMasks(nnx.Module):
   """One query, always kept, whose mask logits are the image's first channel at level "simple"
-  and negative everywhere at "complex": the test draws the predictions into the images."""
+  and negative everywhere at "complex": the test draws the predictions into the images.
+  With presence -10 the query is kept only by a model whose logits carry the presence score
+  (SAM 3.1's joint_presence_scores), which scores by the logit alone."""
+
+  def __init__(self, presence: float = 10.0, joint_presence_scores: bool = False):
+    self.presence = presence
+    self.config = get_preset("tiny", variant="sam3.1" if joint_presence_scores else "sam3")
 
   def __call__(self, images, tokens, level):
     b = images.shape[0]
     logits = images[..., 0] if level == "simple" else -jnp.ones(images.shape[:3])
     return {"pred_logits": jnp.full((b, 1, 1), 10.0), "pred_boxes": jnp.full((b, 1, 4), 0.5),
-            "pred_masks": logits[:, None], "presence_logit": jnp.full((b, 1), 10.0)}
+            "pred_masks": logits[:, None], "presence_logit": jnp.full((b, 1), self.presence)}
 
 
 def _eval_batch():
@@ -143,6 +150,15 @@ def test_evaluate_groups_by_kind_and_level_with_known_values():
   assert next(line for line in table if line.startswith("kind=part ")).split() == [
       "kind=part", "2", "25.00", "25.00", "50.00", "25.00"]
   assert len(table) == len(results) + 1
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_evaluate_scores_as_the_model_variant_does(joint):
+  """An absent-concept presence score (-10) keeps nothing under SAM 3's scoring; SAM 3.1's logits
+  already carry it, so the query's own logit (10) decides."""
+  results = evaluate_lib.evaluate(_DrawnMasks(presence=-10.0, joint_presence_scores=joint),
+                                  [_eval_batch()], levels=("simple",), log=lambda _: None)
+  np.testing.assert_allclose(results["all"]["gIoU"], 100 * (1 / 3 + 1 + 1 / 2) / 4 if joint else 0.0)
 
 
 def test_evaluate_knows_every_kind_the_reader_gives():

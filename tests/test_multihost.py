@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from run_records import final_params, logged_rows, train_rows
+from xla_cpu import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRAPPER = os.path.join(os.path.dirname(__file__), "instrumented_main.py")
@@ -58,7 +59,7 @@ def run_main(workdir, cache, processes: int, stop_after: int = 0) -> None:
   beside other tests (the full-size one) they drifted further apart, hence `alone`."""
   os.makedirs(workdir, exist_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu", MAIN_RECORD_DIR=str(workdir),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES // processes}")
+             XLA_FLAGS=xla_flags(DEVICES // processes))
   flags = main_flags(workdir, cache, processes, stop_after)
   if processes > 1:
     flags += ["--multihost", f"--coordinator_address=127.0.0.1:{free_port()}",

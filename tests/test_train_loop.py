@@ -20,6 +20,7 @@ from run_records import final_params, params, train_rows
 from sam3i_jax.pretrained import load_pretrained
 from sam3i_jax.train import loop
 from sam3i_jax.train.checkpoints import Checkpoints
+from xla_cpu import xla_flags
 
 
 def smoke_config(workdir, cache_dir, **train):
@@ -43,7 +44,7 @@ def smoke_config(workdir, cache_dir, **train):
 @pytest.mark.xdist_group("train_sharded")
 def test_sharded_step_equals_single_device_step():
   script = os.path.join(os.path.dirname(__file__), "train_sharded_check.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8),
              JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
                           timeout=900)

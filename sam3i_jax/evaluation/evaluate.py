@@ -1,9 +1,9 @@
 """Evaluation of a model on an eval pipeline, per instruction level, as SAM3-I evaluates.
 
 For each sample and level: one forward pass (jit-compiled per level), post-processing as
-docs/design.md §2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, masks resized to the
-original image), the kept masks combined by the `union` (HMPL, Ref-ZOM) or `top1` (RefCOCO) rule,
-compared with the OR of all the datapoint's annotations. Metrics (`sam3i_jax.evaluation.metrics`)
+docs/design.md §2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, SAM 3.1: the logit
+alone; masks resized to the original image), the kept masks combined by the `union` (HMPL,
+Ref-ZOM) or `top1` (RefCOCO) rule, compared with the OR of all the datapoint's annotations. Metrics (`sam3i_jax.evaluation.metrics`)
 per level, per dataset (subset), per target kind (object / part, the paper's breakdown; the
 reader's rule is in `input_pipeline.hmpl`), per level x dataset and per level x kind. Samples of
 unknown kind (files without categories, RefCOCO-style sets) count in every group but the kind
@@ -102,7 +102,7 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
       for i in valid:
         height, width = (int(v) for v in batch["orig_size"][i])
         detections = postprocess(*(outputs[k][i] for k in OUTPUT_KEYS), (height, width),
-                                 threshold)
+                                 threshold, presence_in_logits=model.config.joint_presence_scores)
         prediction = metrics_lib.combine_detections(detections["masks"], detections["scores"],
                                                      combine, (height, width))
         target = decode_ground_truth(host["ground_truth"][i], height, width)

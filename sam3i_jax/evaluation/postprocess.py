@@ -1,6 +1,8 @@
 """SAM 3 outputs -> scored detections in original-image pixels (`Sam3Processor._forward_grounding`).
 
-score = sigmoid(pred_logit) * sigmoid(presence_logit); a query is kept when score > threshold
+score = sigmoid(pred_logit) * sigmoid(presence_logit), or sigmoid(pred_logit) alone for a model
+whose logits already carry the presence score (SAM 3.1: `Sam3Config.joint_presence_scores`; its
+reference applies presence once, through the logits); a query is kept when score > threshold
 (no NMS); its box goes cxcywh -> xyxy and is scaled by (W, H, W, H); its mask logits are
 bilinearly resized to (H, W) with `F.interpolate(..., align_corners=False)` semantics (no
 antialias, even when shrinking) and thresholded. The reference thresholds sigmoid(logit) > 0.5;
@@ -91,11 +93,13 @@ def _squeeze_batch(pred_logits, pred_boxes, pred_masks, presence_logit):
   return pred_logits, pred_boxes, pred_masks, presence_logit
 
 
-def _scores_and_boxes(xp, pred_logits, pred_boxes, presence_logit, orig_hw):
+def _scores_and_boxes(xp, pred_logits, pred_boxes, presence_logit, orig_hw,
+                      presence_in_logits: bool = False):
   sigmoid = jax.nn.sigmoid if xp is jnp else (lambda v: 1.0 / (1.0 + np.exp(-v)))
   f32 = xp.float32
-  scores = sigmoid(xp.asarray(pred_logits, f32)[:, 0]) * sigmoid(
-      xp.asarray(presence_logit, f32).reshape(()))
+  scores = sigmoid(xp.asarray(pred_logits, f32)[:, 0])
+  if not presence_in_logits:
+    scores = scores * sigmoid(xp.asarray(presence_logit, f32).reshape(()))
   cx, cy, w, h = [xp.asarray(pred_boxes, f32)[:, i] for i in range(4)]
   half = f32(0.5)
   xyxy = xp.stack([cx - half * w, cy - half * h, cx + half * w, cy + half * h], axis=-1)
@@ -105,13 +109,16 @@ def _scores_and_boxes(xp, pred_logits, pred_boxes, presence_logit, orig_hw):
 
 
 def postprocess(pred_logits, pred_boxes, pred_masks, presence_logit, orig_hw: tuple[int, int],
-                threshold: float = 0.5) -> dict[str, np.ndarray]:
+                threshold: float = 0.5, *, presence_in_logits: bool = False
+                ) -> dict[str, np.ndarray]:
   """Host-side post-processing of one image (numpy in, numpy out).
 
   Args:
     pred_logits: (Q, 1) query logits; pred_boxes: (Q, 4) normalised cxcywh;
     pred_masks: (Q, h, w) mask logits; presence_logit: (1,). A leading batch axis of 1 is ok.
     orig_hw: the original image's (H, W).
+    presence_in_logits: the model's `config.joint_presence_scores` (SAM 3.1): score with the
+      logits alone.
   Returns:
     scores (K,) float32, boxes_xyxy (K, 4) float32 in original pixels, masks (K, H, W) bool,
     query_index (K,) int64; the K kept queries in query order.
@@ -120,7 +127,8 @@ def postprocess(pred_logits, pred_boxes, pred_masks, presence_logit, orig_hw: tu
       *(np.asarray(a) for a in (pred_logits, pred_boxes, pred_masks, presence_logit)))
   orig_hw = (int(orig_hw[0]), int(orig_hw[1]))
   with np.errstate(over="ignore"):  # exp overflow -> sigmoid 0, as intended
-    scores, boxes = _scores_and_boxes(np, pred_logits, pred_boxes, presence_logit, orig_hw)
+    scores, boxes = _scores_and_boxes(np, pred_logits, pred_boxes, presence_logit, orig_hw,
+                                      presence_in_logits)
   keep = np.flatnonzero(scores > threshold)
   logits = resize_mask_logits_np(pred_masks[keep], orig_hw)
   return {"scores": scores[keep], "boxes_xyxy": boxes[keep], "masks": logits > 0,

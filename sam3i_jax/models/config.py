@@ -10,9 +10,31 @@ import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
+class Variant:
+  """What sets one released SAM 3 detector apart from another, beyond its sizes."""
+  # The vision neck's branches `backbone.vision_backbone.convs.i` (the model uses the first three).
+  neck_scale_factors: tuple[float, ...]
+  # The reference's `supervise_joint_box_scores`: pred_logits carry the presence score,
+  # clamp(inverse_sigmoid(sigmoid(logit) * sigmoid(presence)), -10, 10), so inference scores are
+  # sigmoid(pred_logits) alone; otherwise they are sigmoid(logit) * sigmoid(presence).
+  joint_presence_scores: bool
+
+
+VARIANTS: dict[str, Variant] = {
+    # sam3.pt (Nov 2025): Sam3DualViTDetNeck, whose 0.5x branch `convs.3` the image model drops.
+    "sam3": Variant(neck_scale_factors=(4.0, 2.0, 1.0, 0.5), joint_presence_scores=False),
+    # The detector of sam3.1_multiplex.pt (Mar 2026; build_sam3_multiplex_video_predictor):
+    # Sam3TriViTDetNeck without a 0.5x branch, and supervise_joint_box_scores=True.
+    "sam3.1": Variant(neck_scale_factors=(4.0, 2.0, 1.0), joint_presence_scores=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Sam3Config:
   """Every size of the SAM 3 image model. Field names follow the reference builder's arguments."""
 
+  # Which released detector (VARIANTS): SAM 3 or SAM 3.1.
+  variant: str = "sam3"
   # Vision trunk (ViTDet-style ViT).
   img_size: int = 1008
   pretrain_img_size: int = 336  # abs pos embed grid = pretrain_img_size / patch_size, tiled
@@ -80,11 +102,21 @@ class Sam3Config:
     return int(self.vit_dim * self.vit_mlp_ratio)
 
   @property
+  def neck_scale_factors(self) -> tuple[float, ...]:
+    return VARIANTS[self.variant].neck_scale_factors
+
+  @property
+  def joint_presence_scores(self) -> bool:
+    return VARIANTS[self.variant].joint_presence_scores
+
+  @property
   def compute_dtype(self) -> Any:
     return jnp.dtype(self.dtype)
 
   def validate(self) -> None:
     problems = []
+    if self.variant not in VARIANTS:
+      problems.append(f"variant must be one of {sorted(VARIANTS)}, not {self.variant!r}")
     if self.img_size % self.patch_size:
       problems.append(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
     if self.pretrain_img_size % self.patch_size:

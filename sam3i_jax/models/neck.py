@@ -1,8 +1,8 @@
 """The SAM 3 vision backbone: ViT trunk + SimpleFPN neck (sam3/model/necks.py, Sam3DualViTDetNeck).
 
 Attribute names mirror `backbone.vision_backbone.*`. The image path keeps the 4x, 2x and 1x levels
-(the reference's SAM3VLBackbone has scalp=1); the 0.5x branch `convs.3` exists only so that a
-checkpoint converts with zero unexpected keys.
+(the reference's SAM3VLBackbone has scalp=1); SAM 3's 0.5x branch `convs.3` exists only so that
+sam3.pt converts with zero unexpected keys (SAM 3.1's neck has no such branch: Sam3Config.variant).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from sam3i_jax.models.layers import conv, gelu
 from sam3i_jax.models.position_encoding import sine_map
 from sam3i_jax.models.vit import ViT
 
-SCALE_FACTORS = (4.0, 2.0, 1.0, 0.5)
-NUM_IMAGE_LEVELS = 3  # scalp = 1 drops the last (0.5x) level
+NUM_IMAGE_LEVELS = 3  # the 4x, 2x and 1x branches; SAM 3's scalp = 1 drops its 0.5x one
 
 
 class ConvTranspose2x2(nnx.Module):
@@ -94,7 +93,7 @@ class VisionNeck(nnx.Module):
     self.dtype = dtype
     self.trunk = ViT(config, rngs=rngs)
     self.convs = nnx.List([NeckBranch(config.vit_dim, config.d_model, s, rngs=rngs, dtype=dtype)
-                           for s in SCALE_FACTORS])
+                           for s in config.neck_scale_factors])
 
   def __call__(self, images: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     x = self.trunk(images)

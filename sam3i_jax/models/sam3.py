@@ -24,7 +24,7 @@ from flax import nnx
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.models.adapters import ProjectionHead
 from sam3i_jax.models.config import Sam3Config
-from sam3i_jax.models.decoder import TransformerDecoder
+from sam3i_jax.models.decoder import TransformerDecoder, inverse_sigmoid
 from sam3i_jax.models.encoder import TransformerEncoderFusion
 from sam3i_jax.models.geometry_encoder import GeometryEncoder
 from sam3i_jax.models.heads import DotProductScoring, SegmentationHead
@@ -33,6 +33,7 @@ from sam3i_jax.models.neck import VisionNeck
 from sam3i_jax.models.text_encoder import TextEncoder
 
 Outputs = dict[str, Any]
+JOINT_LOGIT_CLAMP = 10.0  # Sam3Image._update_scores_and_boxes
 
 
 class ImageFeatures(NamedTuple):
@@ -135,6 +136,8 @@ class Sam3Image(nnx.Module):
     dec = decoder(memory, pos, prompt, prompt_mask, grid, level)
     hs, refs, presence = dec["hs"], dec["ref_boxes"], dec["presence_logits"]
     logits = self.dot_prod_scoring(hs, prompt, prompt_mask)
+    if self.config.joint_presence_scores:
+      logits = joint_presence_logits(logits, presence)
     boxes = decoder.refine(refs, hs)
     pred_masks, semantic_seg = self.segmentation_head(image.fpn, hs[-1], memory, prompt, prompt_mask,
                                                       level)
@@ -169,6 +172,15 @@ class Sam3Image(nnx.Module):
     level = self._level(level)
     return self.ground(self.encode_image(images), self.encode_text(token_ids, level), boxes,
                        box_labels, box_mask, level=level)
+
+
+def joint_presence_logits(logits: jax.Array, presence: jax.Array) -> jax.Array:
+  """SAM 3.1's scores (Sam3Image with supervise_joint_box_scores): the query logits (..., Q, 1)
+  with each layer's presence (..., 1) folded in, clamp(inverse_sigmoid(sigmoid(l) * sigmoid(p)),
+  -10, 10); a presence score applied twice would square it."""
+  joint = jax.nn.sigmoid(logits.astype(jnp.float32)) * jax.nn.sigmoid(
+      presence.astype(jnp.float32))[..., None, :]
+  return jnp.clip(inverse_sigmoid(joint), -JOINT_LOGIT_CLAMP, JOINT_LOGIT_CLAMP).astype(logits.dtype)
 
 
 def host_counted_rngs(seed: int = 0) -> nnx.Rngs:
