@@ -39,7 +39,6 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,25 +73,11 @@ def _model_config(name: str, train_config):
   return config
 
 
-def _step_parts(train_config, model, stage: int) -> tuple[Any, Any, Any, Callable]:
-  """(tx, wrt, StepConfig, learning_rates) of a stage, as sam3i_jax.train.loop builds them."""
-  from sam3i_jax import partition
-  from sam3i_jax.losses.objective import ObjectiveConfig
-  from sam3i_jax.train import optimizer as optimizer_lib
-  from sam3i_jax.train.step import StepConfig
+def _stage_training(train_config, model, stage: int):
+  """The stage's optimizer, trainable parameters and objective as the training loop builds them."""
+  from sam3i_jax.train import loop
   settings = train_config.stage_settings[f"stage{stage}"]
-  group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
-  schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
-                                          settings.timescale, settings.steps or SCHEDULE_STEPS)
-  tx = optimizer_lib.make_optimizer(
-      group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
-      weight_decay=train_config.optim.weight_decay, clip_norm=train_config.optim.clip_norm)
-  schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
-               for name, lr in group_lrs.items()}
-  objective = ObjectiveConfig(stage=stage, num_replicas=train_config.train.loss_replicas,
-                              pad_num_queries=train_config.train.loss_pad_queries or None)
-  return (tx, partition.trainable(stage), StepConfig(objective, train_config.train.accum_steps),
-          lambda count: {name: s(count) for name, s in schedules.items()})
+  return loop.stage_training(train_config, model, stage, settings.steps or SCHEDULE_STEPS)
 
 
 def memory_stats(compiled) -> dict[str, int]:
@@ -135,8 +120,9 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
   model = Sam3Image(model_config, rngs=host_counted_rngs(train_config.seed))
   parameters = _parameter_counts(model, stage)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  tx, wrt, step_config, learning_rates = _step_parts(train_config, model, stage)
-  trainer = Trainer(model, tx, wrt, mesh, step_config, learning_rates=learning_rates)
+  training = _stage_training(train_config, model, stage)
+  trainer = Trainer(model, training.tx, training.wrt, mesh, training.step_config(0),
+                    learning_rates=training.learning_rates)
 
   train_config.train.global_batch = global_batch
   data = loop.stage_data_config(train_config, stage, global_batch)
@@ -226,8 +212,8 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   start = time.perf_counter()
   model = abstract_model(model_config)
   model.train()
-  tx, wrt, step_config, learning_rates = _step_parts(train_config, model, stage)
-  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, tx, wrt=wrt), model)
+  training = _stage_training(train_config, model, stage)
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, training.tx, wrt=training.wrt), model)
   graphdef, state = nnx.split((model, optimizer))
   build_s = time.perf_counter() - start
 
@@ -244,7 +230,8 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
                                            state_shardings(optimizer_state, mesh)),
       "batch": _bytes_per_device(batch, batch_shardings(batch, mesh)),
   }
-  step = jax.jit(make_step_fn(graphdef, wrt, step_config, learning_rates),
+  step = jax.jit(make_step_fn(graphdef, training.wrt, training.step_config(0),
+                              training.learning_rates),
                  in_shardings=(shardings, batch_shardings(batch, mesh)),
                  out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                  donate_argnums=0, compiler_options=FAST_COMPILE if fast_compile else None)

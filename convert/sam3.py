@@ -13,11 +13,11 @@ from flax import nnx
 
 from convert.checkpoint_io import TensorStore, read_checkpoint
 from convert.torch_layout import ConversionError, LoadReport, load_state_dict, param_table
-from sam3i_jax.models.adapters import copy_mask_predictor
+from sam3i_jax.models.adapters import (ADDITIONS, MASK_PREDICTOR_COPIES, addition_of,
+                                       copy_mask_predictor)
 from sam3i_jax.models.config import Sam3Config, get_preset
 from sam3i_jax.models.sam3 import Sam3Image, abstract_model, host_counted_rngs
 from sam3i_jax.models.vit import rope_tables
-from sam3i_jax.partition import ADDITIONS, addition_of
 
 _NECK = "backbone.vision_backbone."
 # Tensors of a SAM 3 / SAM 3.1 checkpoint that the image model knowingly does not use (reported,
@@ -167,20 +167,10 @@ def verify_rope_tables(store: TensorStore, config: Sam3Config) -> int:
   return checked
 
 
-# SAM3-I's additions to SAM 3 as convert_store treats them when a checkpoint lacks them: name ->
-# (pattern, how they are initialised), as SAM3-I adds them to a SAM 3 model (with the init fix of
-# sam3i_jax/models/adapters.py).
-SAM3I_GROUPS = {
-    "adapters": (r"(^|\.)adapter(1|12|2)\.", "identity: zero output projections"),
-    "mask predictor copies": (r"^segmentation_head\.mask_predictor_adapter[12]\.",
-                              "copies of mask_predictor"),
-    "projection head": (ADDITIONS["projection head"], "random"),
-}
-
-
-def sam3i_fresh(names=tuple(SAM3I_GROUPS)) -> dict:
-  """convert_store's `fresh` for the named SAM3I_GROUPS: {reason: predicate}."""
-  return {f"{name} ({SAM3I_GROUPS[name][1]})": re.compile(SAM3I_GROUPS[name][0]).search
+def sam3i_fresh(names=tuple(ADDITIONS)) -> dict:
+  """convert_store's `fresh` for the named groups of SAM3-I's additions (models.adapters.ADDITIONS),
+  initialised as SAM3-I adds them to a SAM 3 model: {reason: predicate}."""
+  return {f"{name} ({ADDITIONS[name].initial})": re.compile(ADDITIONS[name].pattern).search
           for name in names}
 
 
@@ -270,7 +260,7 @@ def initialise(model: nnx.Module, config: Sam3Config, keys: list[str], seed: int
   params = {entry.path: entry.param for key, entry in param_table(model).items() if key in wanted}
   for path, value in initial_values().items():
     params[path].set_value(value)
-  if any(re.match(SAM3I_GROUPS["mask predictor copies"][0], k) for k in wanted):
+  if any(addition_of(k) in MASK_PREDICTOR_COPIES for k in wanted):
     nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
 
 

@@ -154,8 +154,10 @@ def test_sam3_checkpoint_with_identity_adapters(tmp_path):
   model = load_pretrained(out)
   params = {".".join(map(str, p)): np.asarray(v[...])
             for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  groups = {"adapters (identity: zero output projections)": (".adapter1.", ".adapter12.", ".adapter2."),
-            "mask predictor copies (copies of mask_predictor)": ("mask_predictor_adapter",),
+  groups = {"simple adapters (identity: zero output projections)": (".adapter1.",),
+            "complex adapters (identity: zero output projections)": (".adapter12.", ".adapter2."),
+            "simple mask predictor (copy of mask_predictor)": ("mask_predictor_adapter1.",),
+            "complex mask predictor (copy of mask_predictor)": ("mask_predictor_adapter2.",),
             "projection head (random)": ("simple_query_proj.",)}
   keys = param_table(model)  # PyTorch keys: one per layer of a stacked parameter
   assert report["initialised"] == {

@@ -31,9 +31,9 @@ def test_union_masks_ignores_padding_targets():
   assert union[0].sum() == 2 and union[0, 0, 0] and union[0, 2, 2] and not union[0, 1, 1]
 
 
-def test_single_branch_stage_is_the_detection_loss():
+def test_single_branch_is_the_detection_loss():
   outputs, targets = make_batch(0)
-  config = ObjectiveConfig(stage=2, num_replicas=2)
+  config = ObjectiveConfig(levels=("complex",), num_replicas=2)
   total, metrics = jax.jit(loss_fn, static_argnums=2, compiler_options=parity.FAST_COMPILE)({"complex": outputs}, targets._asdict(),
                                                       config)
   expected, terms = jax.jit(lambda o, t: detection_loss(o, t, num_replicas=2),
@@ -44,11 +44,11 @@ def test_single_branch_stage_is_the_detection_loss():
   assert not any(key.startswith(("align/", "simple/")) for key in metrics)
 
 
-def test_stage3_adds_both_branches_and_the_alignment_terms_with_gradients():
+def test_two_branches_add_and_the_alignment_terms_come_with_gradients():
   outputs, batch = stage3_inputs()
 
   def objective(outs):
-    return loss_fn(outs, batch, ObjectiveConfig(stage=3))
+    return loss_fn(outs, batch, ObjectiveConfig(levels=("simple", "complex"), alignment=True))
 
   def by_parts(outs):
     simple, _ = detection_loss(outs["simple"], batch)
@@ -74,9 +74,10 @@ def test_stage3_adds_both_branches_and_the_alignment_terms_with_gradients():
     assert float(jnp.abs(grads[path[0]][path[1]]).sum()) > 0, path
 
 
-def test_bad_stage_and_missing_branch_are_rejected():
-  with pytest.raises(ValueError, match="stage must be one of"):
-    ObjectiveConfig(stage=4)
+def test_alignment_without_both_branches_and_a_missing_branch_are_rejected():
+  with pytest.raises(ValueError, match="alignment terms need the"):
+    ObjectiveConfig(levels=("simple",), alignment=True)
   outputs, targets = make_batch(0)
   with pytest.raises(ValueError, match="missing \\['complex'\\]"):
-    loss_fn({"simple": outputs}, targets._asdict(), ObjectiveConfig(stage=3))
+    loss_fn({"simple": outputs}, targets._asdict(),
+            ObjectiveConfig(levels=("simple", "complex"), alignment=True))

@@ -7,10 +7,11 @@ import optax
 import pytest
 from flax import nnx
 
-from sam3i_jax import partition
+from sam3i_jax import curriculum, partition
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import abstract_model
 from sam3i_jax.pretrained import materialise
+from sam3i_jax.tree_paths import dotted
 
 from released_keys import released_image_model
 
@@ -77,12 +78,17 @@ def expected_trainable(path: tuple, stage: int) -> bool:
   return {0: not (simple or complex_ or head), 1: simple, 2: complex_, 3: simple or complex_ or head}[stage]
 
 
-@pytest.mark.parametrize("stage", partition.STAGES)
+def param_labels(params, stage: int):
+  """Each leaf of `params` replaced by its label (FROZEN or an LR group), for optax.multi_transform."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: partition.label(dotted(path), stage), params)
+
+
+@pytest.mark.parametrize("stage", curriculum.STAGES)
 def test_trainable_sets(tiny, stage):
   chosen = {path for path, _ in nnx.to_flat_state(nnx.state(tiny, partition.trainable(stage)))}
   expected = {path for path in leaf_paths(tiny) if expected_trainable(path, stage)}
   assert chosen == expected and chosen
-  labels = partition.param_labels(nnx.state(tiny, nnx.Param), stage)
+  labels = param_labels(nnx.state(tiny, nnx.Param), stage)
   flat_labels = dict(zip(leaf_paths(tiny), jax.tree.leaves(labels)))
   for path, label in flat_labels.items():
     if path not in expected:
@@ -99,14 +105,14 @@ def test_optimizer_updates_each_group_at_its_rate():
   before = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   rates = {partition.DEFAULT: 0.5, partition.TEXT_ADAPTERS: 0.25}
   tx = optax.multi_transform({k: optax.sgd(lr) for k, lr in rates.items()},
-                             lambda params: partition.param_labels(params, 1))
+                             lambda params: param_labels(params, 1))
   optimizer = nnx.Optimizer(model, tx, wrt=partition.trainable(1))
   grads = jax.tree.map(jnp.ones_like, nnx.state(model, partition.trainable(1)))
   optimizer.update(model, grads)
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    dotted = ".".join(map(str, path))
-    step = rates[partition.lr_group(dotted)] if partition.is_trainable(dotted, 1) else 0.0
-    np.testing.assert_allclose(before[path] - np.asarray(value[...]), step, atol=1e-6, err_msg=dotted)
+    name = ".".join(map(str, path))
+    step = rates[partition.lr_group(name)] if partition.is_trainable(name, 1) else 0.0
+    np.testing.assert_allclose(before[path] - np.asarray(value[...]), step, atol=1e-6, err_msg=name)
 
 
 def test_sam3_model_stages():

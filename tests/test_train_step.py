@@ -16,7 +16,6 @@ import optax
 from flax import nnx
 
 from sam3i_jax import partition
-from sam3i_jax.losses.objective import ObjectiveConfig
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs
 from sam3i_jax.train.sharding import make_mesh
@@ -52,10 +51,10 @@ def batch_of(config, seed: int = 0) -> dict:
 
 def train(accum_steps: int, loss_replicas: int, batch: dict, config):
   model = Sam3Image(config, rngs=host_counted_rngs(0))
-  objective = ObjectiveConfig(stage=STAGE, num_replicas=loss_replicas)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))
   trainer = Trainer(model, tx, partition.trainable(STAGE), make_mesh((1, 1, 1)),
-                    StepConfig(objective, accum_steps), compiler_options=FAST_COMPILE)
+                    StepConfig.of_stage(STAGE, accum_steps, num_replicas=loss_replicas),
+                    compiler_options=FAST_COMPILE)
   metrics = [jax.device_get(trainer.step(batch)) for _ in range(2)]
   trained = nnx.state(trainer.model(), partition.trainable(STAGE))
   return metrics, {k: np.asarray(v) for k, v in nnx.to_flat_state(trained)}

@@ -23,7 +23,6 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sam3i_jax import partition  # noqa: E402
-from sam3i_jax.losses.objective import ObjectiveConfig  # noqa: E402
 from sam3i_jax.models.config import get_preset  # noqa: E402
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs  # noqa: E402
 from sam3i_jax.train import sharding  # noqa: E402
@@ -62,7 +61,7 @@ def make_trainer(mesh, config):
   # restore check below has non-zero optimizer leaves to carry over.
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.0))
   return Trainer(model, tx, partition.trainable(STAGE), mesh,
-                 StepConfig(ObjectiveConfig(stage=STAGE, num_replicas=2)),
+                 StepConfig.of_stage(STAGE, num_replicas=2),
                  compiler_options=FAST_COMPILE)
 
 

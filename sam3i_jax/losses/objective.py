@@ -1,9 +1,7 @@
-"""The training objective of every stage: SAM 3's loss on each instruction branch, plus the
-stage-3 alignment terms between the simple and complex branches.
-
-Stage 0 (the demo's from-scratch pre-training, not in the released recipe) trains on concept
-prompts, stage 1 on simple instructions, stage 2 on complex ones; stage 3 runs both branches on
-the same image and adds the four alignment losses (`sam3i_jax.losses.alignment`).
+"""The training objective of a stage: SAM 3's loss on each instruction branch the stage trains,
+plus, where the stage aligns them, the alignment terms between the simple and complex branches
+(`sam3i_jax.losses.alignment`). Which branches and whether to align come from the stage's record
+(`sam3i_jax.curriculum`); the objective knows no stage numbers.
 """
 
 from __future__ import annotations
@@ -17,17 +15,16 @@ import jax.numpy as jnp
 from sam3i_jax.losses.alignment import AlignmentWeights, alignment_losses
 from sam3i_jax.losses.detection import LossWeights, detection_loss
 
-STAGE_LEVELS: dict[int, tuple[str, ...]] = {
-    0: ("concept",), 1: ("simple",), 2: ("complex",), 3: ("simple", "complex")}
-ALIGNMENT_STAGE = 3
+ALIGNED_LEVELS = ("simple", "complex")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   """Static settings of `loss_fn` (hashable, so it can be a static jit argument)."""
-  stage: int
+  levels: tuple[str, ...]  # the instruction levels whose branches are trained
+  alignment: bool = False  # add the alignment terms between the simple and complex branches
   detection: LossWeights = LossWeights()
-  alignment: AlignmentWeights = AlignmentWeights()
+  alignment_weights: AlignmentWeights = AlignmentWeights()
   num_replicas: int = 1  # data-parallel replicas of the reference's per-GPU normalisation
   # loss_ce divides by B * max(Q, pad_num_queries) (the reference's 200); None: by B * Q, which a
   # model with few queries (the demo's 16) needs to learn its scores at a useful rate.
@@ -36,12 +33,10 @@ class ObjectiveConfig:
   iou_aware_targets: bool = True
 
   def __post_init__(self):
-    if self.stage not in STAGE_LEVELS:
-      raise ValueError(f"stage must be one of {sorted(STAGE_LEVELS)}, got {self.stage}")
-
-  @property
-  def levels(self) -> tuple[str, ...]:
-    return STAGE_LEVELS[self.stage]
+    if not self.levels:
+      raise ValueError("an objective needs at least one instruction level")
+    if self.alignment and not set(ALIGNED_LEVELS) <= set(self.levels):
+      raise ValueError(f"the alignment terms need the {ALIGNED_LEVELS} branches, not {self.levels}")
 
 
 def union_masks(targets: Mapping[str, jax.Array]) -> jax.Array:
@@ -55,19 +50,19 @@ def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
   """-> (total, metrics) for one training step.
 
   Args:
-    outputs: the model outputs per instruction level of the stage (`config.levels`, e.g.
-      {"simple": ..., "complex": ...}); in stage 3 also "embeddings": {"simple", "complex",
+    outputs: the model outputs per instruction level (`config.levels`, e.g.
+      {"simple": ..., "complex": ...}); with alignment also "embeddings": {"simple", "complex",
       "concept"} -> (B, D) projected mean-pooled text features (the concept ones through the
       frozen SAM 3 text path; they are the anchors).
-    targets: the batch (boxes, target_valid, masks at the prediction resolution, and for stage 3
-      concept_id and example_valid).
+    targets: the batch (boxes, target_valid, masks at the prediction resolution, and with
+      alignment concept_id and example_valid).
   Returns:
     total (float32 scalar) and metrics: "loss", "<level>/loss", "<level>/<reference term>" and,
-    in stage 3, "align/<kl|hard|infonce|margin>" (weighted terms).
+    with alignment, "align/<kl|hard|infonce|margin>" (weighted terms).
   """
   missing = [level for level in config.levels if level not in outputs]
   if missing:
-    raise ValueError(f"stage {config.stage} needs outputs for {config.levels}; missing {missing}")
+    raise ValueError(f"the objective needs outputs for {config.levels}; missing {missing}")
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
   for level in config.levels:
@@ -78,7 +73,7 @@ def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
     metrics[f"{level}/loss"] = branch_total
     metrics.update({f"{level}/{name}": value for name, value in terms.items()})
     total = total + branch_total
-  if config.stage == ALIGNMENT_STAGE:
+  if config.alignment:
     simple, complex_ = outputs["simple"], outputs["complex"]
     embeddings = outputs["embeddings"]
     example_valid = targets.get("example_valid")
@@ -87,7 +82,7 @@ def loss_fn(outputs: Mapping[str, Any], targets: Mapping[str, jax.Array],
     align_total, terms = alignment_losses(
         simple["semantic_seg"], complex_["semantic_seg"], union_masks(targets),
         embeddings["simple"], embeddings["complex"], embeddings["concept"],
-        targets["concept_id"], example_valid, config.alignment)
+        targets["concept_id"], example_valid, config.alignment_weights)
     metrics.update({f"align/{name}": value for name, value in terms.items()})
     total = total + align_total
   metrics["loss"] = total

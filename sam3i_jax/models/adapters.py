@@ -15,6 +15,8 @@ so an untrained adapter is the identity and every parameter can learn.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Callable
 
 import jax
@@ -26,6 +28,33 @@ from sam3i_jax.models.layers import MultiHeadAttention, dense, gelu, layer_norm
 from sam3i_jax.models.levels import Level
 
 PathParts = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Addition:
+  """One group of SAM3-I's additions to SAM 3."""
+  pattern: str  # over dotted parameter paths; PyTorch keys match too (same prefixes)
+  initial: str  # what the group is when the adapters are added to a SAM 3 model
+
+
+# Every parameter SAM3-I adds to SAM 3, by group; the curriculum trains them by these names, the
+# converters initialise absent groups by them.
+ADDITIONS: dict[str, Addition] = {
+    "simple adapters": Addition(r"(^|\.)adapter1\.", "identity: zero output projections"),
+    "complex adapters": Addition(r"(^|\.)adapter(12|2)\.", "identity: zero output projections"),
+    "simple mask predictor": Addition(r"^segmentation_head\.mask_predictor_adapter1\.",
+                                      "copy of mask_predictor"),
+    "complex mask predictor": Addition(r"^segmentation_head\.mask_predictor_adapter2\.",
+                                       "copy of mask_predictor"),
+    "projection head": Addition(r"^simple_query_proj\.", "random"),
+}
+MASK_PREDICTOR_COPIES = {"simple mask predictor": "mask_predictor_adapter1",
+                         "complex mask predictor": "mask_predictor_adapter2"}
+
+
+def addition_of(path: str) -> str | None:
+  """The group (a key of ADDITIONS) of a dotted parameter path; None for SAM 3's own."""
+  return next((name for name, group in ADDITIONS.items() if re.search(group.pattern, path)), None)
 
 
 def _zero(linear: nnx.Linear) -> nnx.Linear:
@@ -135,11 +164,8 @@ def copy_mask_predictor(state: nnx.State) -> nnx.State:
   """mask_predictor_adapter1 and _adapter2 := mask_predictor, as the reference does whenever it
   adds the adapters to a SAM 3 model (model_builder._sync_segmentation_head_adapters)."""
   def source_of(path):
-    if "mask_predictor_adapter1" in path:
-      return _renamed(path, "mask_predictor_adapter1", "mask_predictor")
-    if "mask_predictor_adapter2" in path:
-      return _renamed(path, "mask_predictor_adapter2", "mask_predictor")
-    return None
+    copy = MASK_PREDICTOR_COPIES.get(addition_of(".".join(map(str, path))))
+    return None if copy is None else _renamed(path, copy, "mask_predictor")
   return _rewrite(state, source_of, "copy_mask_predictor")
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -29,10 +29,8 @@ import numpy as np
 from flax import nnx
 
 import input_pipeline
-from sam3i_jax import partition
+from sam3i_jax import curriculum, partition
 from sam3i_jax.evaluation.evaluate import evaluate, format_table
-from sam3i_jax.losses.objective import ObjectiveConfig
-from sam3i_jax.models.adapters import copy_mask_predictor, migrate_to_complex
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs, seed_dropout_streams
 from sam3i_jax.pretrained import load_pretrained, read_config, save_pretrained
@@ -110,16 +108,14 @@ def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
 
 
 def enter_stage(model: nnx.Module, stage: int, previous: int | None, seed: int) -> None:
-  """The state changes at the start of a stage: the mask-predictor copies follow SAM 3's own
-  predictor whenever the adapters are added to a SAM 3 model (start of stage 1 from stage 0 or
-  a SAM 3 checkpoint); stage 2 after stage 1 migrates the simple path into the complex one.
-  Every dropout stream restarts from (seed, stage), so a stage trains the same whether the
-  previous one ran in this process or was loaded from its final directory on a restart."""
+  """The state changes at the start of a stage: the stage's entry migration after `previous`
+  (curriculum.Stage.entry), and every dropout stream restarted from (seed, stage), so a stage
+  trains the same whether the previous one ran in this process or was loaded from its final
+  directory on a restart."""
   seed_dropout_streams(model, jax.random.fold_in(jax.random.key(seed), stage))
-  if stage == 1 and previous in (None, 0):
-    nnx.update(model, copy_mask_predictor(nnx.state(model, nnx.Param)))
-  elif stage == 2 and previous == 1:
-    nnx.update(model, migrate_to_complex(nnx.state(model, nnx.Param)))
+  migration = curriculum.get(stage).migration(previous)
+  if migration is not None:
+    nnx.update(model, migration(nnx.state(model, nnx.Param)))
 
 
 def stage_data_config(config: ml_collections.ConfigDict, stage: int,
@@ -130,8 +126,7 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: int,
   if settings.datasets:
     data.datasets = [entry for entry in data.datasets if entry.name in settings.datasets]
   data.batch_size = batch_size
-  if stage == 3:
-    data.concept_choice = "first"  # the anchors use concept[0]
+  data.update(dict(curriculum.get(stage).data))
   return data
 
 
@@ -157,6 +152,40 @@ def _finite(metrics: dict[str, Any]) -> bool:
   return all(np.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
 
 
+class StageTraining(NamedTuple):
+  """What a stage's training step is built from."""
+  tx: Any  # the optimizer: the stage's LR groups and schedule, weight decay, clipping
+  wrt: Any  # the nnx filter of the stage's trainable parameters (the curriculum's groups)
+  step_config: Callable[[int], StepConfig]  # the step config in force from a given step on
+  learning_rates: Callable[[Any], dict[str, Any]]  # optimizer step -> {LR group: rate}
+
+
+def stage_training(config: ml_collections.ConfigDict, model: nnx.Module, stage: int,
+                   num_steps: int) -> StageTraining:
+  """The stage's optimizer (schedules over `num_steps`), trainable parameters and objective as the
+  config and the curriculum give them; binary classification targets from
+  `binary_targets_from_step` on. Used by the training loop and the benchmarks alike."""
+  settings = config.stage_settings[f"stage{stage}"]
+  group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
+  schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
+                                          settings.timescale, num_steps)
+  tx = optimizer_lib.make_optimizer(
+      group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
+      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
+  binary_from = settings.binary_targets_from_step
+
+  def step_config(step: int) -> StepConfig:
+    return StepConfig.of_stage(stage, config.train.accum_steps,
+                               num_replicas=config.train.loss_replicas,
+                               pad_num_queries=config.train.loss_pad_queries or None,
+                               iou_aware_targets=binary_from is None or step < binary_from)
+
+  schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
+               for name, lr in group_lrs.items()}
+  return StageTraining(tx, partition.trainable(stage), step_config,
+                       lambda count: {k: s(count) for k, s in schedules.items()})
+
+
 def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
                 ) -> tuple[nnx.Module | None, int]:
   """Trains one stage to its end (-> the model, eval mode, and the stage's step count) or until
@@ -167,25 +196,12 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
   pipeline = input_pipeline.train_pipeline(data, model.config)
   _log(f"stage {stage}: data {pipeline.lengths}; {pipeline.report}")
   num_steps = stage_steps(config, stage, pipeline)
-  group_lrs = {partition.DEFAULT: settings.lr, partition.TEXT_ADAPTERS: settings.text_lr}
-  schedule = optimizer_lib.ScheduleConfig(settings.warmup_steps, settings.cooldown_steps,
-                                          settings.timescale, num_steps)
-  tx = optimizer_lib.make_optimizer(
-      group_lrs, partition.lr_group, optimizer_lib.layer_norm_paths(model), schedule,
-      weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm)
   partition.summary(model, stage, print_fn=_log)
   binary_from = settings.binary_targets_from_step
-
-  def step_config(step: int) -> StepConfig:
-    iou_aware = binary_from is None or step < binary_from
-    return StepConfig(ObjectiveConfig(stage=stage, num_replicas=config.train.loss_replicas,
-                                      pad_num_queries=config.train.loss_pad_queries or None,
-                                      iou_aware_targets=iou_aware), config.train.accum_steps)
-
-  schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
-               for name, lr in group_lrs.items()}
-  trainer = Trainer(model, tx, partition.trainable(stage), mesh, step_config(0),
-                    learning_rates=lambda count: {k: s(count) for k, s in schedules.items()},
+  training = stage_training(config, model, stage, num_steps)
+  step_config = training.step_config
+  trainer = Trainer(model, training.tx, training.wrt, mesh, step_config(0),
+                    learning_rates=training.learning_rates,
                     param_axes=tuple(config.mesh.param_axes),
                     rules=tuple(config.mesh.logical_rules))
   iterator = pipeline.iterator()
@@ -247,14 +263,14 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
 
 def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
                    stage_dir: str, what: str = "", all_levels: bool = False) -> dict:
-  """Evaluates at the config's levels; after stage 0 at the concept level only (the adapters
-  are untrained before stage 1) unless `all_levels`."""
+  """Evaluates at the stage's evaluation levels (curriculum.Stage.eval_levels: the config's unless
+  the stage says otherwise), or at the config's with `all_levels`."""
   pipeline = input_pipeline.eval_pipeline(config.data, model.config)
   batches = pipeline.iterator()
   limit = config.eval.max_batches or pipeline.num_batches
   levels = tuple(config.eval.levels)
-  if stage == 0 and not all_levels:
-    levels = ("concept",)
+  if not all_levels:
+    levels = curriculum.get(stage).eval_levels or levels
   _log(f"stage {stage}: evaluating {what or 'the model'} at {levels} on {pipeline.lengths} "
        f"({limit} batches)")
   results = evaluate(

@@ -19,7 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sam3i_jax.losses.objective import ALIGNMENT_STAGE, ObjectiveConfig, loss_fn
+from sam3i_jax import curriculum
+from sam3i_jax.losses.objective import ObjectiveConfig, loss_fn
 from sam3i_jax.models.layers import compile_target
 from sam3i_jax.train import sharding as sharding_lib
 from sam3i_jax.tree_paths import dotted
@@ -27,19 +28,18 @@ from sam3i_jax.tree_paths import dotted
 Batch = Mapping[str, jax.Array]
 
 
-def forward(model: nnx.Module, batch: Batch, stage: int) -> dict[str, Any]:
+def forward(model: nnx.Module, batch: Batch, stage: curriculum.Stage) -> dict[str, Any]:
   """The model outputs `loss_fn` needs: one branch per level of the stage on one image encoding;
-  in stage 3 also the projected instruction embeddings and the concept anchors."""
+  for an aligning stage also the projected instruction embeddings and the concept anchors."""
   image = model.encode_image(batch["image"])
-  levels = ObjectiveConfig(stage=stage).levels
   outputs: dict[str, Any] = {}
   embeddings = {}
-  for level in levels:
+  for level in stage.levels:
     text = model.encode_text(batch[f"tokens_{level}"], level)
     outputs[level] = model.ground(image, text, level=level)
-    if stage == ALIGNMENT_STAGE:
+    if stage.alignment:
       embeddings[level] = model.instruction_embedding(text)
-  if stage == ALIGNMENT_STAGE:
+  if stage.alignment:
     concept = model.encode_text(batch["tokens_concept"], "concept")
     embeddings["concept"] = model.instruction_embedding(concept)
     outputs["embeddings"] = embeddings
@@ -68,12 +68,17 @@ def batch_shardings(batch: Batch, mesh: Mesh, rules=sharding_lib.LOGICAL_RULES) 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
+  stage: curriculum.Stage
   objective: ObjectiveConfig
   accum_steps: int = 1  # micro-batches per update; the batch must be divisible by it
 
-  @property
-  def stage(self) -> int:
-    return self.objective.stage
+  @classmethod
+  def of_stage(cls, stage: int, accum_steps: int = 1, **objective) -> "StepConfig":
+    """The step of curriculum stage `stage`: the objective of its levels (and alignment), with the
+    other ObjectiveConfig settings from `objective`."""
+    record = curriculum.get(stage)
+    return cls(record, ObjectiveConfig(levels=record.levels, alignment=record.alignment,
+                                       **objective), accum_steps)
 
 
 def _micro_batches(batch: Batch, count: int) -> dict:
