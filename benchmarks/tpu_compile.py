@@ -95,7 +95,6 @@ def worker_inference(topology: str, per_chip: int, preset: str) -> dict:
   from sam3i_jax.models.sam3 import abstract_model
   from sam3i_jax.train import loop, sharding
   from sam3i_jax.train.checkpoints import abstract_with_shardings
-  from sam3i_jax.train.step import state_shardings
 
   devices = tpu_devices(topology)
   config = get_preset(preset, adapters=True, dtype=loop.numerics(hmpl.get_config())["dtype"])
@@ -103,7 +102,7 @@ def worker_inference(topology: str, per_chip: int, preset: str) -> dict:
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
   mesh = sharding.make_mesh((len(devices), 1, 1), devices)  # data parallel, parameters replicated
-  abstract_state = abstract_with_shardings(state, state_shardings(state, mesh))
+  abstract_state = abstract_with_shardings(state, sharding.state_shardings(state, mesh))
   batch = per_chip * len(devices)
   split = lambda ndim: sharding.batch_sharding(mesh, ndim)  # noqa: E731
   images = jax.ShapeDtypeStruct((batch, config.img_size, config.img_size, 3), jnp.float32,
@@ -115,7 +114,7 @@ def worker_inference(topology: str, per_chip: int, preset: str) -> dict:
     outputs = nnx.merge(graphdef, state)(images, tokens, level="complex")
     return {k: outputs[k] for k in ("pred_logits", "pred_boxes", "pred_masks", "presence_logit")}
 
-  step = jax.jit(forward, out_shardings=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+  step = jax.jit(forward, out_shardings=NamedSharding(mesh, PartitionSpec(sharding.batch_axes())))
   start = time.perf_counter()
   with compile_target("tpu"):  # attention "auto" as on a TPU (this process's backend is CPU)
     lowered = step.lower(abstract_state, images, tokens)

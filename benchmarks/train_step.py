@@ -128,7 +128,7 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
   data = loop.stage_data_config(train_config, stage, global_batch)
   iterator = input_pipeline.train_pipeline(data, model_config, process_index=0,
                                            process_count=1).iterator()
-  batches = [input_pipeline.make_global_batch(next(iterator), mesh, ("data", "fsdp"))
+  batches = [input_pipeline.make_global_batch(next(iterator), mesh, sharding.batch_axes())
              for _ in range(warmup + steps)]
 
   start = time.perf_counter()
@@ -199,7 +199,8 @@ def worker_memory(preset: str, stage: int, mesh_shape: tuple[int, ...], global_b
   from sam3i_jax.models.layers import compile_target
   from sam3i_jax.train import loop, sharding
   from sam3i_jax.train.checkpoints import abstract_with_shardings
-  from sam3i_jax.train.step import batch_shardings, make_step_fn, state_shardings
+  from sam3i_jax.train.sharding import state_shardings
+  from sam3i_jax.train.step import batch_shardings, make_step_fn
 
   train_config = hmpl.get_config(f"stage={stage}")
   # The released loss normalises per replica of (global batch / loss_replicas) examples; keep

@@ -16,12 +16,15 @@ e.g. `configs/hmpl.py:stage=2`, `configs/hmpl.py:demo`, `configs/hmpl.py:eval,st
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
 import input_pipeline
+from sam3i_jax.losses.alignment import AlignmentWeights
+from sam3i_jax.losses.detection import LossWeights
 from sam3i_jax.train import sharding
 
 VARIANTS = ("default", "demo", "demo_sam3", "smoke", "eval")
@@ -40,14 +43,9 @@ RELEASED_STAGES = {
     3: dict(lr=2.56e-3, text_lr=1.6e-4, warmup_steps=1, cooldown_steps=1, epochs=4),
 }
 # The demo's runs: a near-constant LR (a long inverse-sqrt timescale) between a warmup and a
-# cooldown; stage 0 trains SAM 3 itself from scratch on the concept prompts of the 1toAll set
-# (the only entries whose concept names exactly the targets). From scratch at 2e-3 the model
-# cannot even fit one batch (every query collapses to one score); at 3e-4 it can. After 2000
-# steps its boxes are learned but every query still has about the same low score (the
-# IoU-aware target holds them there: concept gIoU 0 at the 0.5 threshold); 500 steps with
-# binary targets separate them (gIoU 55). The demo's SAM3-I stages keep binary targets: with the
-# IoU-aware one, stage 1 pulled this model's scores back under the threshold (simple gIoU
-# 21 -> 0; binary: 21 -> 43).
+# cooldown, binary classification targets (the README's demo section says why); stage 0 trains
+# SAM 3 itself from scratch on the concept prompts of the 1toAll set (the only entries whose
+# concept names exactly the targets).
 DEMO_STAGES = {
     0: dict(lr=3e-4, text_lr=3e-4, warmup_steps=30, cooldown_steps=300, timescale=2000,
             datasets=("HMPL-Instruct_1toAll",), binary_targets_from_step=2000),
@@ -93,60 +91,59 @@ def _parse(arg: str | None) -> tuple[str, dict[str, str]]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, settings = _parse(arg)
-  demo = variant in DEMO_VARIANTS
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.mode = "eval" if variant == "eval" else "train"
-  config.workdir = {"demo": "runs/demo", "demo_sam3": "runs/demo_sam3",
-                    "smoke": "runs/smoke"}.get(variant, "runs/hmpl")
+  config.workdir = "runs/hmpl"
+  # The one seed: model initialisation, dropout streams and the input pipeline (shuffling, mixing,
+  # per-example randomness); `data.seed` is the same field.
   config.seed = 123
   # A persistent XLA compilation cache (empty: off): reruns and resumed jobs skip compiling.
-  config.compilation_cache_dir = "runs/jax_cache" if demo else ""
+  config.compilation_cache_dir = ""
 
   config.model = ml_collections.ConfigDict({
-      "preset": "tiny" if demo else "full",
-      "dtype": "float32" if demo else "bfloat16",
+      "preset": "full",
+      "dtype": "bfloat16",
       # Rematerialise the ViT / text-encoder blocks in the backward pass: "none", "full"
       # (nothing saved), "dots" (matmul outputs saved); sam3i_jax.models.layers.REMAT_POLICIES.
-      "remat": "none" if demo else "full",
+      "remat": "full",
       # The same for the fusion-encoder and decoder layers (their 5184-token attention).
-      "layer_remat": "none" if demo else "full",
+      "layer_remat": "full",
   })
   # A converted SAM 3 or SAM3-I directory (`python -m convert ...`) to start from; empty: random
   # init (only sensible for the demo's stage 0).
-  config.init = ml_collections.ConfigDict(
-      {"checkpoint": DEMO_SAM3_DIR if variant == "demo" else ""})
+  config.init = ml_collections.ConfigDict({"checkpoint": ""})
 
-  # The stages run in order, each starting from the previous one's final state (stage 2 applies
-  # the adapter migration first).
-  config.stages = {"demo": (1, 2, 3), "demo_sam3": (0,), "smoke": (0, 1, 2, 3)}.get(
-      variant, (int(settings.get("stage", 1)),))
+  # The stages run in order, each starting from the previous one's final state after the stage's
+  # entry migration (sam3i_jax.curriculum).
+  config.stages = (int(settings.get("stage", 1)),)
   config.stage_settings = ml_collections.ConfigDict(
       {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
-  if demo:
-    steps = {0: 4, 1: 3, 2: 3, 3: 3} if variant == "smoke" else {0: 3000, 1: 250, 2: 250, 3: 150}
-    config.stage_settings = ml_collections.ConfigDict(
-        {f"stage{stage}": _stage(**values, steps=steps[stage])
-         for stage, values in DEMO_STAGES.items()})
 
   config.optim = ml_collections.ConfigDict({"weight_decay": 0.1, "clip_norm": 0.1})
+  # Weights of the loss terms (SAM3-I's base.yaml and sam3i_3_all.yaml): SAM 3's detection terms
+  # on every branch, and the stage-3 alignment terms with their hyper-parameters.
+  config.loss = ml_collections.ConfigDict({
+      "detection": dataclasses.asdict(LossWeights()),
+      "alignment": dataclasses.asdict(AlignmentWeights()),
+  })
 
   config.train = ml_collections.ConfigDict({
-      "global_batch": 8 if demo else 32,
+      "global_batch": 32,
       "accum_steps": 1,
       # The reference normalises each GPU's loss by its own batch (2 prompts on each of 16 GPUs
       # in the paper's setting); the loss reproduces that for this many replicas, independent
       # of the mesh.
-      "loss_replicas": 1 if demo else 16,
-      # loss_ce's normaliser: B * max(Q, this) as released; 0 = B * Q (the demo's 16 queries).
-      "loss_pad_queries": 0 if demo else 200,
-      "log_every": 25 if demo else 50,
-      "checkpoint_every": 500 if demo else 2000,
-      "keep_checkpoints": 2 if demo else 3,
+      "loss_replicas": 16,
+      # loss_ce's normaliser: B * max(Q, this) as released; 0 = B * Q.
+      "loss_pad_queries": 200,
+      "log_every": 50,
+      "checkpoint_every": 2000,
+      "keep_checkpoints": 3,
       # Write checkpoints in the background while training goes on (orbax's async save; a
       # checkpoint becomes visible only once complete, so a crash mid-write leaves the last one).
       "async_checkpoints": True,
-      "eval_every": 500 if variant == "demo_sam3" else 0,  # steps; 0 = at each stage's end
+      "eval_every": 0,  # steps; 0 = at each stage's end
       # Stop this run after this many steps (a checkpoint is saved; running again resumes),
       # e.g. to fit a job's time limit; 0 = run the stages to the end.
       "stop_after_steps": 0,
@@ -164,17 +161,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "threshold": 0.5,
       "max_batches": config_dict.placeholder(int),
       "num_images": 8,  # prediction PNGs written per level
-      # Also evaluate the model before the first stage trains, at every level (the demo: its
-      # SAM 3 with untrained adapters), so that the gains of training are measured in one run.
-      "before_training": variant == "demo",
+      # Also evaluate the model before the first stage trains, at every level, so that the gains
+      # of training are measured in one run.
+      "before_training": False,
   })
 
-  config.data = input_pipeline.default_config("demo" if demo else "released")
+  config.data = input_pipeline.default_config("released")
+  if variant in DEMO_VARIANTS:
+    _local_run(config, variant)
   config.data.batch_size = config.train.global_batch  # per host; main.py divides by hosts
-  if demo:
-    config.data.max_targets = 8
-    config.data.eval_batch_size = 8
-  if variant == "smoke":
-    config.eval.max_batches = 2
+  config.data.seed = config.get_ref("seed")
   config.lock()
   return config
+
+
+def _local_run(config: ml_collections.ConfigDict, variant: str) -> None:
+  """The local runs' overrides of the released recipe, all here: the tiny model on CPU, on the
+  generated demo set (demo, demo_sam3, smoke)."""
+  config.workdir = f"runs/{variant}"
+  config.compilation_cache_dir = "runs/jax_cache"
+  config.model.update(preset="tiny", dtype="float32", remat="none", layer_remat="none")
+  config.stages = {"demo": (1, 2, 3), "demo_sam3": (0,), "smoke": (0, 1, 2, 3)}[variant]
+  steps = {0: 4, 1: 3, 2: 3, 3: 3} if variant == "smoke" else {0: 3000, 1: 250, 2: 250, 3: 150}
+  config.stage_settings = ml_collections.ConfigDict(
+      {f"stage{stage}": _stage(**values, steps=steps[stage])
+       for stage, values in DEMO_STAGES.items()})
+  # loss_ce normalised by B * Q: the demo's 16 queries learn their scores at a useful rate.
+  config.train.update(global_batch=8, loss_replicas=1, loss_pad_queries=0, log_every=25,
+                      checkpoint_every=500, keep_checkpoints=2,
+                      eval_every=500 if variant == "demo_sam3" else 0)
+  config.data = input_pipeline.default_config("demo")
+  config.data.max_targets = 8
+  config.data.eval_batch_size = 8
+  if variant == "demo":
+    # As the recipe starts from SAM 3: the demo's own tiny SAM 3, evaluated before training too.
+    config.init.checkpoint = DEMO_SAM3_DIR
+    config.eval.before_training = True
+  if variant == "smoke":
+    config.eval.max_batches = 2

@@ -100,7 +100,6 @@ KINDS = (
          ("banners that wave in the wind", "cloths raised to show which team you support"),
          "what holds {} up", "everything that holds a banner up"),
 )
-KIND_BY_NAME = {k.name: k for k in KINDS}
 
 
 def default_demo_dir() -> pathlib.Path:

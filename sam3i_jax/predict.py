@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sam3i_jax import visualize
 from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.sam3 import ImageFeatures
@@ -40,6 +41,10 @@ class Prediction:
   scores: np.ndarray  # (K,) float32, sigmoid(logit) * sigmoid(presence) (SAM 3.1: in the logit)
   masks: np.ndarray  # (K, H, W) bool
   image_size: tuple[int, int]  # (H, W)
+
+  def draw(self, image: np.ndarray, alpha: float = 0.5):
+    """This prediction over `image` (uint8 (H, W, 3)): masks, boxes and scores; a PIL image."""
+    return visualize.draw(image, self.boxes_xyxy, self.scores, self.masks, alpha)
 
 
 @dataclasses.dataclass
@@ -117,23 +122,6 @@ class Predictor:
                       np.asarray(kept["masks"], bool), (h, w))
 
 
-def draw(image: np.ndarray, prediction: Prediction, alpha: float = 0.5):
-  """The masks (one colour each), boxes and scores drawn over `image`; returns a PIL image."""
-  from PIL import Image, ImageDraw
-
-  canvas = image.astype(np.float32).copy()
-  rng = np.random.default_rng(0)
-  colours = rng.integers(64, 256, size=(len(prediction.scores), 3))
-  for mask, colour in zip(prediction.masks, colours):
-    canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
-  picture = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-  pen = ImageDraw.Draw(picture)
-  for box, score, colour in zip(prediction.boxes_xyxy, prediction.scores, colours):
-    pen.rectangle([float(v) for v in box], outline=tuple(int(c) for c in colour), width=3)
-    pen.text((float(box[0]) + 4, float(box[1]) + 2), f"{score:.2f}", fill=tuple(int(c) for c in colour))
-  return picture
-
-
 def _parse_box(text: str) -> tuple[list[float], bool]:
   """'cx,cy,w,h' or 'cx,cy,w,h:neg' (normalised)."""
   coords, _, kind = text.partition(":")
@@ -163,7 +151,7 @@ def main(argv=None) -> int:
   labels = [pos for _, pos in args.box] or None
   result = predictor.predict(args.image, args.text, boxes, labels, threshold=args.threshold,
                              level=args.level)
-  draw(load_image(args.image), result).save(args.output)
+  result.draw(load_image(args.image)).save(args.output)
   print(f"{len(result.scores)} objects above {args.threshold}: scores "
         f"{np.round(result.scores, 3).tolist()}; wrote {args.output}")
   return 0

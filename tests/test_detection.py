@@ -18,7 +18,8 @@ from sam3.train.matcher import BinaryHungarianMatcherV2, BinaryOneToManyMatcher
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy
 from sam3i_jax.losses import detection, functional
-from sam3i_jax.losses.detection import DetectionTargets, detection_loss, resize_target_masks
+from sam3i_jax.losses.detection import DetectionTargets, detection_loss
+from sam3i_jax.resize import resize_bool_masks
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import abstract_model
 
@@ -233,17 +234,17 @@ def test_functional_matches_torch():
 
 @pytest.mark.parametrize("shape,size", [((2, 3, 1008, 1008), (288, 288)), ((1, 37, 61), (16, 9)),
                                         ((2, 7, 9), (20, 31))])
-def test_resize_target_masks_matches_torch(shape, size):
+def test_resize_bool_masks_matches_torch(shape, size):
   rng = np.random.default_rng(1)
   # sparse specks: a pixel that survives only through a small bilinear weight must still count
   masks = rng.uniform(size=shape) < 0.01
   expected = F.interpolate(torch.tensor(masks.reshape((-1, 1) + shape[-2:])).float(), size=size,
                            mode="bilinear", align_corners=False).bool().numpy()
   expected = expected.reshape(shape[:-2] + size)
-  host = resize_target_masks(masks, size)
+  host = resize_bool_masks(masks, size)
   assert isinstance(host, np.ndarray) and host.dtype == bool
   np.testing.assert_array_equal(host, expected)
-  np.testing.assert_array_equal(jax.jit(resize_target_masks, static_argnums=1)(masks, size),
+  np.testing.assert_array_equal(jax.jit(resize_bool_masks, static_argnums=1)(masks, size),
                                 expected)
 
 
@@ -300,12 +301,12 @@ def test_all_negative_batch_is_finite_and_matches_reference(reference):
 
 def test_larger_targets_are_downsampled_on_device():
   """Targets at a larger size (not a multiple of M) give the loss of their host-side
-  resize_target_masks to M."""
+  resize_bool_masks to M."""
   outputs, targets = make_batch(seed=5)
   big = np.random.default_rng(5).uniform(size=(B, T, 2 * M + 5, 2 * M + 5)) < 0.3
   (total_big, terms_big), _ = _loss_and_grad(1)(outputs, targets._replace(masks=big))
   (total, terms), _ = _loss_and_grad(1)(
-    outputs, targets._replace(masks=resize_target_masks(big, (M, M))))
+    outputs, targets._replace(masks=resize_bool_masks(big, (M, M))))
   np.testing.assert_allclose(total_big, total, rtol=1e-6)
   assert set(terms) == set(terms_big)
   for k in terms:

@@ -88,3 +88,11 @@ def test_make_mesh_shapes_and_errors():
     sharding.make_mesh((1, 1))
   with pytest.raises(ValueError, match="devices"):
     sharding.make_mesh((jax.device_count() + 1, 1, 1))
+
+
+def test_batch_axes_follow_the_logical_rules():
+  assert sharding.batch_axes() == ("data", "fsdp")
+  rules = tuple((name, "data" if name == "batch" else axes) for name, axes in sharding.LOGICAL_RULES)
+  assert sharding.batch_axes(rules) == ("data",)
+  mesh = sharding.make_mesh((1, 1, 1))
+  assert sharding.state_shardings({"step": np.zeros(())}, mesh)["step"].spec == PartitionSpec()

@@ -23,6 +23,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from flax import nnx
 
+from sam3i_jax import visualize
 from sam3i_jax.evaluation import metrics as metrics_lib
 from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.preprocess import denormalize
@@ -135,13 +136,11 @@ def _draw(image_dir: str, level: str, text: str, image: np.ndarray, size: tuple[
   """The prediction over the (resized back) input image, with the instruction as its title."""
   from PIL import Image, ImageDraw
 
-  from sam3i_jax.predict import Prediction, draw
-
   height, width = size
   picture = Image.fromarray(denormalize(np.asarray(image))).resize((width, height),
                                                                    Image.BILINEAR)
-  overlay = draw(np.asarray(picture), Prediction(detections["boxes_xyxy"], detections["scores"],
-                                                 detections["masks"], size))
+  overlay = visualize.draw(np.asarray(picture), detections["boxes_xyxy"], detections["scores"],
+                           detections["masks"])
   titled = Image.new("RGB", (width, height + 18), "white")
   titled.paste(overlay, (0, 18))
   ImageDraw.Draw(titled).text((4, 3), f"[{level}] {text}", fill="black")

@@ -33,7 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sam3i_jax.evaluation.postprocess import resize_mask_logits
+from sam3i_jax.resize import resize_logits
 from sam3i_jax.losses.functional import binary_cross_entropy_with_logits
 
 # a mesh axis name, or several (e.g. ("data", "fsdp")) when the batch is split over more than one
@@ -127,7 +127,7 @@ def _resize_logits(seg: jax.Array, size: tuple[int, int]) -> jax.Array:
   seg = seg.reshape(seg.shape[0], *seg.shape[-2:]).astype(jnp.float32)
   if seg.shape[-2:] == tuple(size):
     return seg
-  return resize_mask_logits(seg, size)
+  return resize_logits(seg, size)
 
 
 def hard_region_bce(seg_a: jax.Array, seg_b: jax.Array, union_gt: jax.Array,

@@ -44,7 +44,7 @@ Deliberate differences from the reference:
 - Resolution: the reference (`downsample: False`) bilinearly upsamples the predicted masks and
   semantic map to the GT resolution (the 1008 canvas). Here masks are compared at the prediction
   resolution M (a 200-target batch at 1008^2 is too big): targets come at M from the pipeline,
-  and larger targets are downsampled on device by `resize_target_masks` (the reference's own
+  and larger targets are downsampled on device by `resize_bool_masks` (the reference's own
   `downsample=True` rule: bilinear, align_corners=False, then any non-zero value is True).
 - A one-to-many query matched to several GT boxes gets, in loss_ce, the IoU-aware target of its
   highest-index GT slot: the reference writes all of them with one indexed assignment, where the
@@ -68,6 +68,7 @@ from sam3i_jax.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from sam3i_jax.losses.functional import (binary_cross_entropy_with_logits, dice_from_sums,
                                          dice_loss, sigmoid_focal_loss)
 from sam3i_jax.losses.matcher import hungarian_match, one_to_many_match
+from sam3i_jax.resize import resize_bool_masks
 
 # Loss hyper-parameters of SAM3-I's base.yaml (the same as Meta's SAM 3 recipe).
 IOU_AWARE_POS_WEIGHT = 10.0
@@ -112,40 +113,6 @@ class LossWeights:
   o2m: float = 2.0
 
 
-def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """torch's bilinear sampling (align_corners=False) along one axis: the two source indices of
-  each output index and whether the second has a non-zero weight (the first always has: its
-  weight is 1 - frac > 0). As torch's CPU kernel: a float32 scale, and the source position
-  scale * (i + 0.5) - 0.5 rounded to float32 once (a fused multiply-add; e.g. 9 -> 31, i = 15
-  gives 3.9999998, not 4, so both neighbours count)."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  src = (np.float64(scale) * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
-  src = np.maximum(src, np.float32(0))
-  first = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  second = np.minimum(first + 1, in_size - 1)
-  return first, second, (src - first.astype(np.float32)) > 0
-
-
-def resize_target_masks(masks, size: Sequence[int]):
-  """Resizes boolean masks (..., H, W) -> (..., h, w) like the reference's target downsampling.
-
-  `F.interpolate(masks.float(), size, mode="bilinear", align_corners=False).bool()`: an output
-  pixel is True iff a source pixel with a non-zero bilinear weight is True. Computed exactly
-  with boolean gathers (no float image). Works on NumPy arrays (returns NumPy, for host-side
-  pipelines) and on JAX arrays (jit-able, static sizes).
-  """
-  xp = np if isinstance(masks, np.ndarray) else jnp
-  masks = masks.astype(bool)
-  for axis, out_size in ((-2, size[0]), (-1, size[1])):
-    in_size = masks.shape[axis]
-    if in_size == out_size:
-      continue
-    first, second, second_counts = _bilinear_taps(in_size, out_size)
-    second_counts = second_counts.reshape((-1, 1) if axis == -2 else (-1,))
-    masks = xp.take(masks, first, axis=axis) | (xp.take(masks, second, axis=axis) & second_counts)
-  return masks
-
-
 class _Targets(NamedTuple):
   """Targets prepared once per batch: padded slots neutralised, masks flattened at (h, w)."""
   boxes: jax.Array  # (B, T, 4) cxcywh
@@ -163,7 +130,7 @@ def _prepare_targets(targets: DetectionTargets, mask_size: Sequence[int],
   boxes = jnp.where(valid[..., None], jnp.asarray(targets.boxes, jnp.float32),
                     jnp.asarray(_DUMMY_BOX, jnp.float32))
   visible = jnp.any(valid & (boxes[..., 2] > 0) & (boxes[..., 3] > 0), axis=-1)
-  masks = resize_target_masks(jnp.asarray(targets.masks), mask_size) & valid[..., None, None]
+  masks = resize_bool_masks(jnp.asarray(targets.masks), mask_size) & valid[..., None, None]
   num_boxes = jnp.maximum(valid.sum().astype(jnp.float32) / num_replicas, 1.0)
   return _Targets(boxes, box_cxcywh_to_xyxy(boxes), valid, visible,
                   masks.reshape(masks.shape[:2] + (-1,)).astype(jnp.float32),
@@ -275,7 +242,7 @@ def _semantic_terms(semantic_seg: jax.Array, tg: _Targets, mask_size: Sequence[i
   GT union is not empty, within each replica, then over replicas."""
   batch = semantic_seg.shape[0]
   union = tg.masks.reshape(tg.masks.shape[:2] + tuple(mask_size)).max(axis=1) > 0  # (B, h, w)
-  union = resize_target_masks(union, semantic_seg.shape[-2:]).reshape(batch, -1)
+  union = resize_bool_masks(union, semantic_seg.shape[-2:]).reshape(batch, -1)
   logits = semantic_seg.reshape(batch, -1)
   target = union.astype(jnp.float32)
   present = union.any(-1).reshape(num_replicas, -1)

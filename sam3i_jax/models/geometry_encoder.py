@@ -133,7 +133,7 @@ class GeometryEncoder(nnx.Module):
       boxes: (B, N, 4) normalised cxcywh; N may be 0.
       box_labels: (B, N) bool or int, True / 1 = positive.
       box_mask: (B, N) bool, True = padding (padding must come after the valid boxes).
-      image_features: (B, h, w, D) raw image tokens (the 1x FPN level).
+      image_features: (B, h, w, D) raw image tokens (the 1x FPN scale).
       image_pos: (h, w, D) or (B, h, w, D) sine position map of that level.
       points, point_labels, point_mask: optional (B, P, 2) normalised xy, (B, P), (B, P).
 

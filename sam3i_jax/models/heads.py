@@ -70,7 +70,7 @@ def group_norm(dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.GroupNorm:
 class PixelDecoder(nnx.Module):
   """FPN-style top-down path: prev = relu(GN(conv3x3(feat + nearest_up(prev)))), coarse to fine.
 
-  The reference builds one conv/norm per upsampling stage (3) but, fed 3 levels, uses only the
+  The reference builds one conv/norm per upsampling stage (3) but, fed 3 FPN scales, uses only the
   first two; `conv_layers.2` / `norms.2` exist for the checkpoint.
   """
 
@@ -106,7 +106,7 @@ class SegmentationHead(nnx.Module):
   """`segmentation_head`: prompt-aware encoder tokens + pixel decoder -> instance and semantic masks.
 
   e = memory + cross_attend_prompt(q=cross_attn_norm(memory), k=v=prompt) replaces the coarsest FPN
-  level; the pixel decoder upsamples to the finest level; 1x1 convs give the per-pixel instance
+  scale; the pixel decoder upsamples to the finest scale; 1x1 convs give the per-pixel instance
   embeddings (dotted with mask_embed(queries)) and the semantic logits.
 
   With adapters, SAM3-I's copies mask_predictor_adapter1 / _adapter2 (built as copies of

@@ -1,6 +1,6 @@
 """The SAM 3 vision backbone: ViT trunk + SimpleFPN neck (sam3/model/necks.py, Sam3DualViTDetNeck).
 
-Attribute names mirror `backbone.vision_backbone.*`. The image path keeps the 4x, 2x and 1x levels
+Attribute names mirror `backbone.vision_backbone.*`. The image path keeps the 4x, 2x and 1x scales
 (the reference's SAM3VLBackbone has scalp=1); SAM 3's 0.5x branch `convs.3` exists only so that
 sam3.pt converts with zero unexpected keys (SAM 3.1's neck has no such branch: Sam3Config.variant).
 """
@@ -18,7 +18,7 @@ from sam3i_jax.models.layers import conv, gelu
 from sam3i_jax.models.position_encoding import sine_map
 from sam3i_jax.models.vit import ViT
 
-NUM_IMAGE_LEVELS = 3  # the 4x, 2x and 1x branches; SAM 3's scalp = 1 drops its 0.5x one
+NUM_FPN_SCALES = 3  # the 4x, 2x and 1x branches; SAM 3's scalp = 1 drops its 0.5x one
 
 
 class ConvTranspose2x2(nnx.Module):
@@ -46,7 +46,7 @@ class ConvTranspose2x2(nnx.Module):
 
 
 class NeckBranch(nnx.Module):
-  """One SimpleFPN level (an nn.Sequential in the reference; children keep its names).
+  """One SimpleFPN scale (an nn.Sequential in the reference; children keep its names).
 
   4x: dconv_2x2_0, GELU, dconv_2x2_1; 2x: dconv_2x2; 1x: nothing; 0.5x: 2x2 max pool;
   then conv_1x1 (-> d_model) and conv_3x3 (pad 1), all with bias and no norm.
@@ -97,6 +97,6 @@ class VisionNeck(nnx.Module):
 
   def __call__(self, images: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     x = self.trunk(images)
-    fpn = [self.convs[i](x) for i in range(NUM_IMAGE_LEVELS)]
+    fpn = [self.convs[i](x) for i in range(NUM_FPN_SCALES)]
     pos = [jnp.asarray(sine_map(f.shape[1], f.shape[2], self.d_model), dtype=self.dtype) for f in fpn]
     return fpn, pos

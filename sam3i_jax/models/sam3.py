@@ -1,7 +1,7 @@
 """The assembled SAM 3 image model (grounding path): `Sam3Image`, mirroring sam3/model/sam3_image.py.
 
 Data flow (batch-first, NHWC):
-  images (B,S,S,3) -> backbone.vision_backbone -> FPN levels [4g, 2g, g] + sine positions
+  images (B,S,S,3) -> backbone.vision_backbone -> FPN scales [4g, 2g, g] + sine positions
   token ids (B,32) -> backbone.language_backbone -> text tokens (B,32,D) + padding mask
   boxes (B,N,4) -> geometry_encoder -> N+1 prompt tokens;  prompt = text ++ geometry
   transformer.encoder fuses image tokens with the prompt; transformer.decoder predicts Q boxes + presence;

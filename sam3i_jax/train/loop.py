@@ -31,6 +31,8 @@ from flax import nnx
 import input_pipeline
 from sam3i_jax import curriculum, partition
 from sam3i_jax.evaluation.evaluate import evaluate, format_table
+from sam3i_jax.losses.alignment import AlignmentWeights
+from sam3i_jax.losses.detection import LossWeights
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs, seed_dropout_streams
 from sam3i_jax.pretrained import load_pretrained, read_config, save_pretrained
@@ -176,6 +178,8 @@ def stage_training(config: ml_collections.ConfigDict, model: nnx.Module, stage: 
 
   def step_config(step: int) -> StepConfig:
     return StepConfig.of_stage(stage, config.train.accum_steps,
+                               detection=LossWeights(**config.loss.detection),
+                               alignment_weights=AlignmentWeights(**config.loss.alignment),
                                num_replicas=config.train.loss_replicas,
                                pad_num_queries=config.train.loss_pad_queries or None,
                                iou_aware_targets=binary_from is None or step < binary_from)
@@ -191,7 +195,7 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
   """Trains one stage to its end (-> the model, eval mode, and the stage's step count) or until
   `stop_after_steps` (-> None and the step reached, after saving a checkpoint)."""
   settings = config.stage_settings[f"stage{stage}"]
-  data_axes = ("data", "fsdp")
+  data_axes = sharding_lib.batch_axes(tuple(config.mesh.logical_rules))
   data = stage_data_config(config, stage, _host_batch_size(config))
   pipeline = input_pipeline.train_pipeline(data, model.config)
   _log(f"stage {stage}: data {pipeline.lengths}; {pipeline.report}")
@@ -268,6 +272,7 @@ def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
   pipeline = input_pipeline.eval_pipeline(config.data, model.config)
   batches = pipeline.iterator()
   limit = config.eval.max_batches or pipeline.num_batches
+  data_axes = sharding_lib.batch_axes(tuple(config.mesh.logical_rules))
   levels = tuple(config.eval.levels)
   if not all_levels:
     levels = curriculum.get(stage).eval_levels or levels
@@ -277,8 +282,8 @@ def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
       model, (batch for _, batch in zip(range(limit), batches)), levels=levels,
       combine=config.eval.combine, threshold=config.eval.threshold,
       datasets=tuple(pipeline.lengths),
-      to_device=lambda b: input_pipeline.make_global_batch(b, mesh, ("data", "fsdp")),
-      from_device=lambda outputs: input_pipeline.host_local_batch(outputs, mesh, ("data", "fsdp")),
+      to_device=lambda b: input_pipeline.make_global_batch(b, mesh, data_axes),
+      from_device=lambda outputs: input_pipeline.host_local_batch(outputs, mesh, data_axes),
       image_dir=os.path.join(stage_dir, "predictions"), num_images=config.eval.num_images,
       log=_log)
   _log(format_table(results))

@@ -102,14 +102,25 @@ def partition_spec(logical: Iterable[str | None], shape: Sequence[int], mesh: Me
   return PartitionSpec(*spec)
 
 
-def param_shardings(params, mesh: Mesh, param_axes=PARAM_AXES, rules=LOGICAL_RULES):
-  """NamedSharding for every leaf of a parameter pytree (arrays or ShapeDtypeStructs)."""
+def state_shardings(state, mesh: Mesh, param_axes=PARAM_AXES, rules=LOGICAL_RULES):
+  """NamedSharding for every leaf of a state pytree (arrays or ShapeDtypeStructs): parameters, and
+  the optimizer moments whose paths end with their parameter's, by the logical-axis rules;
+  scalars (step counts) replicated."""
 
   def one(path, leaf):
-    names = logical_axes(dotted(path), len(leaf.shape), param_axes)
-    return NamedSharding(mesh, partition_spec(names, leaf.shape, mesh, rules))
+    shape = tuple(leaf.shape)
+    if not shape:
+      return NamedSharding(mesh, PartitionSpec())
+    names = logical_axes(dotted(path), len(shape), param_axes)
+    return NamedSharding(mesh, partition_spec(names, shape, mesh, rules))
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_axes(rules=LOGICAL_RULES) -> tuple[str, ...]:
+  """The mesh axes that the logical "batch" axis (the examples) is split over."""
+  axes = dict(rules).get("batch")
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:

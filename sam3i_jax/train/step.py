@@ -3,7 +3,7 @@
 The train state is `nnx.split((model, optimizer))`: parameters (trainable and frozen), the
 optimizer's moments for the trainable ones only (`nnx.Optimizer(wrt=...)`), its step count, and
 the dropout RNG counters. Parameters and moments are laid out by the logical-axis tables of
-`sam3i_jax.train.sharding`; the batch is split over the (data, fsdp) axes. The step returns the
+`sam3i_jax.train.sharding`; the batch is split over the mesh axes of its logical "batch" axis. The step returns the
 new state and replicated scalar metrics (loss terms, gradient norm, learning rates).
 """
 
@@ -23,7 +23,6 @@ from sam3i_jax import curriculum
 from sam3i_jax.losses.objective import ObjectiveConfig, loss_fn
 from sam3i_jax.models.layers import compile_target
 from sam3i_jax.train import sharding as sharding_lib
-from sam3i_jax.tree_paths import dotted
 
 Batch = Mapping[str, jax.Array]
 
@@ -44,21 +43,6 @@ def forward(model: nnx.Module, batch: Batch, stage: curriculum.Stage) -> dict[st
     embeddings["concept"] = model.instruction_embedding(concept)
     outputs["embeddings"] = embeddings
   return outputs
-
-
-def state_shardings(state: Any, mesh: Mesh, param_axes=sharding_lib.PARAM_AXES,
-                    rules=sharding_lib.LOGICAL_RULES) -> Any:
-  """Shardings of a split (model, optimizer) state: parameters and their Adam moments by the
-  logical-axis rules (a moment's path ends with its parameter's path), scalars replicated."""
-
-  def one(path, leaf):
-    shape = np.shape(leaf)
-    if not shape:
-      return NamedSharding(mesh, PartitionSpec())
-    names = sharding_lib.logical_axes(dotted(path), len(shape), param_axes)
-    return NamedSharding(mesh, sharding_lib.partition_spec(names, shape, mesh, rules))
-
-  return jax.tree_util.tree_map_with_path(one, state)
 
 
 def batch_shardings(batch: Batch, mesh: Mesh, rules=sharding_lib.LOGICAL_RULES) -> dict:
@@ -151,7 +135,7 @@ class Trainer:
     model.train()
     optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     self.graphdef, state = nnx.split((model, optimizer))
-    self.state_shardings = state_shardings(state, mesh, param_axes, rules)
+    self.state_shardings = sharding_lib.state_shardings(state, mesh, param_axes, rules)
     # A jitted identity places the state and gives every leaf its own buffer: donation fails on
     # arrays shared between leaves (e.g. adapter copies initialised from the same array).
     self.state = jax.jit(lambda s: s, out_shardings=self.state_shardings)(state)
