@@ -269,11 +269,11 @@ def category_kind(name: str) -> str:
   return "part" if PART_SEPARATOR in name else "object"
 
 
-def _category_kinds(categories: list[Any], json_path: str,
-                    report: InputReport) -> dict[int, str]:
-  """Category id -> target kind; a malformed or repeated entry is a problem (dropped on skip)."""
+def category_names(categories: list[Any], json_path: str,
+                   report: InputReport) -> dict[int, str]:
+  """Category id -> name; a malformed or repeated entry is a problem (dropped on skip)."""
   index_of: dict[int, int] = {}
-  kinds: dict[int, str] = {}
+  names: dict[int, str] = {}
   for k, category in enumerate(categories):
     category_id = category.get("id") if isinstance(category, dict) else None
     name = category.get("name") if isinstance(category, dict) else None
@@ -286,8 +286,8 @@ def _category_kinds(categories: list[Any], json_path: str,
                      f"{where}: id already used by categories[{index_of[category_id]}]")
       continue
     index_of[category_id] = k
-    kinds[category_id] = category_kind(name)
-  return kinds
+    names[category_id] = name
+  return names
 
 
 def _target_kind(queried: int, category_ids: Iterable[int], kinds: dict[int, str]) -> str:
@@ -371,36 +371,11 @@ def read_hmpl_json(json_path: str, image_root: str, *, bad_input: str = "error",
   report = report if report is not None else InputReport(bad_input)
   texts = _TextChecker(text_rules, report) if text_rules is not None else None
   data = _load_json(json_path)
-  kinds = (_category_kinds(data["categories"], json_path, report) if data.get("categories")
-           else None)
-
-  entries: dict[int, tuple[int, dict[str, Any]]] = {}
-  for i, entry in enumerate(data["images"]):
-    where = f"{json_path}: images[{i}]"
-    if not isinstance(entry, dict) or not _int_id(entry.get("id")):
-      report.problem("malformed_image_entry", f"{where}: no integer 'id'")
-      continue
-    where = f"{where} (id={entry['id']}, file_name={entry.get('file_name')!r})"
-    if entry["id"] in entries:
-      report.problem("duplicate_image_id", f"{where}: id already used by images"
-                     f"[{entries[entry['id']][0]}]")
-      continue
-    if (not isinstance(entry.get("file_name"), str) or not _positive_int(entry.get("width"))
-        or not _positive_int(entry.get("height"))):
-      report.problem("malformed_image_entry", f"{where}: needs file_name, width and height")
-      continue
-    entries[entry["id"]] = (i, entry)
-
-  anns_by_image: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
-  for j, ann in enumerate(data.get("annotations", [])):
-    image_id = ann.get("image_id") if isinstance(ann, dict) else None
-    if image_id not in entries:
-      ann_id = ann.get("id") if isinstance(ann, dict) else None
-      report.problem("unknown_image_id", f"{json_path}: annotations[{j}] (id={ann_id}, "
-                     f"image_id={image_id}): no images[] entry has this id")
-      continue
-    anns_by_image[image_id].append((j, ann))
-
+  kinds = ({i: category_kind(name) for i, name in
+            category_names(data["categories"], json_path, report).items()}
+           if data.get("categories") else None)
+  entries = image_entries(data["images"], json_path, report)
+  anns_by_image = annotations_by_image(data.get("annotations", []), entries, json_path, report)
   records = []
   for datapoint_id in sorted(entries):
     i, entry = entries[datapoint_id]
@@ -410,6 +385,44 @@ def read_hmpl_json(json_path: str, image_root: str, *, bad_input: str = "error",
     if record is not None:
       records.append(record)
   return records
+
+
+def image_entries(entries: list[Any], json_path: str,
+                  report: InputReport) -> dict[int, tuple[int, dict[str, Any]]]:
+  """Image id -> (index in images[], entry) of the well-formed images[] entries; a malformed or
+  repeated one is a problem (dropped on skip)."""
+  images: dict[int, tuple[int, dict[str, Any]]] = {}
+  for i, entry in enumerate(entries):
+    where = f"{json_path}: images[{i}]"
+    if not isinstance(entry, dict) or not _int_id(entry.get("id")):
+      report.problem("malformed_image_entry", f"{where}: no integer 'id'")
+      continue
+    where = f"{where} (id={entry['id']}, file_name={entry.get('file_name')!r})"
+    if entry["id"] in images:
+      report.problem("duplicate_image_id", f"{where}: id already used by images"
+                     f"[{images[entry['id']][0]}]")
+      continue
+    if (not isinstance(entry.get("file_name"), str) or not _positive_int(entry.get("width"))
+        or not _positive_int(entry.get("height"))):
+      report.problem("malformed_image_entry", f"{where}: needs file_name, width and height")
+      continue
+    images[entry["id"]] = (i, entry)
+  return images
+
+
+def annotations_by_image(annotations: list[Any], images: dict[int, Any], json_path: str,
+                         report: InputReport) -> dict[int, list[tuple[int, Any]]]:
+  """Image id -> [(index in annotations[], annotation)]; one of an unknown image is a problem."""
+  by_image: dict[int, list[tuple[int, Any]]] = collections.defaultdict(list)
+  for j, ann in enumerate(annotations):
+    image_id = ann.get("image_id") if isinstance(ann, dict) else None
+    if image_id not in images:
+      ann_id = ann.get("id") if isinstance(ann, dict) else None
+      report.problem("unknown_image_id", f"{json_path}: annotations[{j}] (id={ann_id}, "
+                     f"image_id={image_id}): no images[] entry has this id")
+      continue
+    by_image[image_id].append((j, ann))
+  return by_image
 
 
 def _parse_entry(entry: dict[str, Any], anns: Iterable[tuple[int, Any]], origin: str,
