@@ -157,3 +157,28 @@ def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_name(saved, tmp_path,
                        "--output", str(tmp_path / "out")]) == 1
   err = capsys.readouterr().err
   assert "unexpected: 1" in err and "transformer.decoder.extra_head.weight" in err
+
+
+def test_a_sam3_video_model_directory_converts_its_detector(saved, tmp_path, capsys):
+  """transformers' Sam3VideoModel layout: the detector under `detector_model.` with its config as
+  `detector_config`, the tracker beside it (reported and left out)."""
+  _, _, hf_dir, ours = saved
+  from safetensors.torch import load_file, save_file
+  tensors = {f"detector_model.{k}": v for k, v in
+             load_file(str(hf_dir / "model.safetensors")).items()}
+  tensors["tracker_model.memory_encoder.weight"] = torch.zeros(3)
+  tensors["tracker_neck.fpn_layers.0.proj1.weight"] = torch.zeros(2)
+  os.makedirs(tmp_path / "video")
+  save_file(tensors, str(tmp_path / "video" / "model.safetensors"))
+  detector_config = json.loads((hf_dir / "config.json").read_text())
+  (tmp_path / "video" / "config.json").write_text(json.dumps(
+      {"model_type": "sam3_video", "detector_config": detector_config}))
+  assert convert_main(["hf-sam3", "--checkpoint", str(tmp_path / "video"),
+                       "--output", str(tmp_path / "out")]) == 0
+  with open(tmp_path / "out" / "conversion.json") as f:
+    report = json.load(f)
+  assert report["ignored"]["video tracker of a Sam3VideoModel (tracker_model.*, tracker_neck.*)"] == 2
+  want, got = load_pretrained(str(ours)), load_pretrained(str(tmp_path / "out"))
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(want, nnx.Param)),
+                               nnx.to_flat_state(nnx.state(got, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
