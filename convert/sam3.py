@@ -20,6 +20,12 @@ from sam3i_jax.models.sam3 import Sam3Image, abstract_model, host_counted_rngs
 from sam3i_jax.models.vit import rope_tables
 
 _NECK = "backbone.vision_backbone."
+
+
+def _under(prefix: str):
+  return lambda k: k.startswith(prefix)
+
+
 # Tensors of a SAM 3 / SAM 3.1 checkpoint that the image model knowingly does not use (reported,
 # never silent), by variant (sam3i_jax.models.config.VARIANTS).
 UNUSED_TEXT_PROJECTION = {
@@ -27,26 +33,24 @@ UNUSED_TEXT_PROJECTION = {
         lambda k: k == "backbone.language_backbone.encoder.text_projection",
 }
 _IGNORED_IN_BOTH = {
-    "video tracker (tracker.*)": lambda k: k.startswith("tracker."),
+    "video tracker (tracker.*)": _under("tracker."),
     "RoPE tables (freqs_cis; verified, then recomputed)": lambda k: k.endswith(".attn.freqs_cis"),
     **UNUSED_TEXT_PROJECTION,
 }
-IGNORED_GROUPS = {  # sam3.pt
-    **_IGNORED_IN_BOTH,
-    "SAM 2 neck copy for the interactive tracker (sam2_convs)":
-        lambda k: k.startswith(_NECK + "sam2_convs."),
+# The tracker's neck branches of each variant, reported as ignored. They are copies of `convs` in
+# layout, checked tensor by tensor (check_neck_copies), so that a stray tensor under their names is
+# an error, not silently ignored.
+NECK_COPIES = {
+    "sam3": {"sam2_convs": "SAM 2 neck copy for the interactive tracker (sam2_convs)"},
+    "sam3.1": {"interactive_convs": "the tracker's interactive neck (interactive_convs)",
+               "propagation_convs": "the tracker's propagation neck (propagation_convs)"},
 }
-SAM31_IGNORED = {  # sam3.1_multiplex.pt: Sam3TriViTDetNeck's two tracker branches
-    **_IGNORED_IN_BOTH,
-    "the tracker's interactive neck (interactive_convs)":
-        lambda k: k.startswith(_NECK + "interactive_convs."),
-    "the tracker's propagation neck (propagation_convs)":
-        lambda k: k.startswith(_NECK + "propagation_convs."),
-}
-IGNORED_BY_VARIANT = {"sam3": IGNORED_GROUPS, "sam3.1": SAM31_IGNORED}
-# The ignored neck branches above are copies of `convs` in layout: checked tensor by tensor, so
-# that a stray tensor under their names is an error, not silently ignored.
-NECK_COPIES = {"sam3": ("sam2_convs",), "sam3.1": ("interactive_convs", "propagation_convs")}
+
+IGNORED_BY_VARIANT = {
+    variant: {**_IGNORED_IN_BOTH,
+              **{reason: _under(f"{_NECK}{branch}.") for branch, reason in branches.items()}}
+    for variant, branches in NECK_COPIES.items()}
+IGNORED_GROUPS = IGNORED_BY_VARIANT["sam3"]  # sam3.pt's, which SAM3-I checkpoints share
 VARIANT_NAMES = {"sam3": "SAM 3 (sam3.pt layout)",
                  "sam3.1": "SAM 3.1 (sam3.1_multiplex.pt layout; its detector is converted)"}
 # Only SAM 3.1's vision neck has a propagation branch.
