@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test venv venv-test clean
+.PHONY: demo finetune-demo test venv venv-test clean
 
 $(VENV)/.runtime-stamp: requirements/runtime.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ venv-test: $(VENV)/.test-stamp
 
 demo: venv
 	$(PY) main.py --config=configs/hmpl.py:demo
+
+# SAM 3 fine-tuned on the demo set's COCO export (README: "Fine-tune SAM 3 on your data").
+finetune-demo: venv
+	$(PY) main.py --config=configs/sam3_finetune.py:demo
 
 # Two runs: the suite on 2 workers, then the tests marked `alone` (see pyproject.toml) by themselves.
 test: venv-test

@@ -58,8 +58,9 @@ DEMO_STAGES = {
 }
 
 
-def _stage(lr, text_lr, warmup_steps, cooldown_steps, timescale=3, epochs=None, steps=None,
-           datasets=None, binary_targets_from_step=None):
+def stage_config(lr, text_lr, warmup_steps, cooldown_steps, timescale=3, epochs=None, steps=None,
+                 datasets=None, binary_targets_from_step=None) -> ml_collections.ConfigDict:
+  """One stage's optimisation and data settings (`config.stage_settings.stage<N>`)."""
   return ml_collections.ConfigDict({
       "lr": lr, "text_lr": text_lr, "warmup_steps": warmup_steps,
       "cooldown_steps": cooldown_steps, "timescale": timescale,
@@ -118,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # entry migration (sam3i_jax.curriculum).
   config.stages = (int(settings.get("stage", 1)),)
   config.stage_settings = ml_collections.ConfigDict(
-      {f"stage{stage}": _stage(**values) for stage, values in RELEASED_STAGES.items()})
+      {f"stage{stage}": stage_config(**values) for stage, values in RELEASED_STAGES.items()})
 
   config.optim = ml_collections.ConfigDict({"weight_decay": 0.1, "clip_norm": 0.1})
   # Weights of the loss terms (SAM3-I's base.yaml and sam3i_3_all.yaml): SAM 3's detection terms
@@ -147,6 +148,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Stop this run after this many steps (a checkpoint is saved; running again resumes),
       # e.g. to fit a job's time limit; 0 = run the stages to the end.
       "stop_after_steps": 0,
+      # Parameters frozen on top of what the stages train: names of SAM 3's parts (vision, text,
+      # geometry, fusion, decoder, heads) or regular expressions over dotted parameter paths,
+      # comma-separated (sam3i_jax.partition.FREEZE_GROUPS), e.g. "vision,text".
+      "freeze": "",
   })
 
   config.mesh = ml_collections.ConfigDict({
@@ -184,7 +189,7 @@ def _local_run(config: ml_collections.ConfigDict, variant: str) -> None:
   config.stages = {"demo": (1, 2, 3), "demo_sam3": (0,), "smoke": (0, 1, 2, 3)}[variant]
   steps = {0: 4, 1: 3, 2: 3, 3: 3} if variant == "smoke" else {0: 3000, 1: 250, 2: 250, 3: 150}
   config.stage_settings = ml_collections.ConfigDict(
-      {f"stage{stage}": _stage(**values, steps=steps[stage])
+      {f"stage{stage}": stage_config(**values, steps=steps[stage])
        for stage, values in DEMO_STAGES.items()})
   # loss_ce normalised by B * Q: the demo's 16 queries learn their scores at a useful rate.
   config.train.update(global_batch=8, loss_replicas=1, loss_pad_queries=0, log_every=25,

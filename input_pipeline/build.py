@@ -5,6 +5,10 @@
       --json val=/data/sam3i_datasets/HMPL-Instruct_1to1/sam3i_val.json \\
       --images /data/coco2017 --out /data/tfds
 
+  python -m input_pipeline.build --format coco --dataset my_parts \\
+      --json train=annotations/instances_train.json --json val=annotations/instances_val.json \\
+      --images /data/my_parts/images --out /data/tfds [--negatives 0.5]
+
 Writes `<out>/sam3i_instruct/<config>/<version>/` (config = the dataset name in snake case, e.g.
 hmpl_instruct_1to1) with TFDS's progress bars, then prints what was skipped. Point the pipeline
 config's `tfds_data_dir` at `<out>` and use kind="tfds" for the dataset. Exit status 1, with the
@@ -35,10 +39,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--json", action="append", type=_split_path, default=[],
                       metavar="SPLIT=PATH", help="an annotation file per split (repeat)")
   parser.add_argument("--manual-dir", default=None,
-                      help="instead of --json: SAM3-I's layout, DIR/<dataset>/sam3i_<split>.json")
+                      help="instead of --json: SAM3-I's layout, DIR/<dataset>/sam3i_<split>.json "
+                      "(COCO: DIR/<dataset>/instances_<split>.json)")
   parser.add_argument("--images", default=None, help="folder that file_name entries are "
                       "relative to (default with --manual-dir: DIR/images)")
   parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
+  parser.add_argument("--format", choices=("hmpl", "coco"), default="hmpl",
+                      help="the JSON files' format: SAM3-I's HMPL-Instruct or COCO instances")
+  parser.add_argument("--negatives", type=float, default=1.0,
+                      help="COCO: the share (0 to 1) of the categories absent from an image "
+                      "prompted as negatives in the train split (other splits: all)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="COCO: the seed of the negatives' choice")
   parser.add_argument("--bad-input", choices=hmpl.BAD_INPUT_POLICIES, default="error")
   parser.add_argument("--context-length", type=int, default=32,
                       help="text encoder context, for the over-long instruction check")
@@ -49,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.error("give either --json SPLIT=PATH (with --images) or --manual-dir")
   if args.json and not args.images:
     parser.error("--images is required with --json")
+  if not 0.0 <= args.negatives <= 1.0:
+    parser.error(f"--negatives must be a share in [0, 1], got {args.negatives}")
   return args
 
 
@@ -60,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   builder = tfds_builder.Sam3iInstruct(
       config=tfds_builder.builder_config(args.dataset), data_dir=args.out,
       json_files=dict(args.json) or None, image_root=args.images, bad_input=args.bad_input,
+      annotation_format=args.format, negatives=args.negatives, seed=args.seed,
       text_rules=hmpl.TextRules(context_length=args.context_length, overlong=args.overlong,
                                 non_ascii=args.non_ascii))
   download_config = tfds.download.DownloadConfig(manual_dir=args.manual_dir)

@@ -18,16 +18,23 @@ RELEASED_MIXTURE = (
 HMPL_SUBSETS = ("HMPL-Instruct_1to1", "HMPL-Instruct_1toN", "HMPL-Instruct_1toAll")
 MIXTURES = ("released", "hmpl", "demo")
 DATASET_KINDS = ("json", "tfds")
+ANNOTATION_FORMATS = ("hmpl", "coco")
+# A JSON dataset's file per split when `files` does not name it: <data_root>/<name>/<this>.
+LAYOUT_FILES = {"hmpl": "sam3i_{split}.json", "coco": "instances_{split}.json"}
 
 
-def dataset_entry(name: str, images: str, kind: str = "tfds",
-                  weight: float | None = None) -> ml_collections.ConfigDict:
+def dataset_entry(name: str, images: str, kind: str = "tfds", weight: float | None = None, *,
+                  format: str = "hmpl", files: dict[str, str] | None = None,
+                  negatives: float = 1.0) -> ml_collections.ConfigDict:
   """One dataset of a mixture (see `default_config` for the fields)."""
   if kind not in DATASET_KINDS:
     raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, got {kind!r}")
-  return ml_collections.ConfigDict({"name": name, "kind": kind, "images": images,
-                                    "weight": config_dict.placeholder(float) if weight is None
-                                    else float(weight)})
+  if format not in ANNOTATION_FORMATS:
+    raise ValueError(f"dataset format must be one of {ANNOTATION_FORMATS}, got {format!r}")
+  return ml_collections.ConfigDict({
+      "name": name, "kind": kind, "images": images, "format": format,
+      "files": {"train": "", "val": "", **(files or {})}, "negatives": float(negatives),
+      "weight": config_dict.placeholder(float) if weight is None else float(weight)})
 
 
 def default_config(mixture: str = "released") -> ml_collections.ConfigDict:
@@ -38,14 +45,19 @@ def default_config(mixture: str = "released") -> ml_collections.ConfigDict:
   `input_pipeline.demo_data`, read from its JSON files; generated on first use).
 
   Fields:
-    datasets: list of {name, kind, images, weight}. name: the dataset's folder under
-      `data_root` (JSON: `<data_root>/<name>/sam3i_<split>.json`, the released layout) and, as
-      `sources.tfds_config_name(name)`, its TFDS builder config. kind: "json" (read the JSON file
-      directly; fine for small sets) or "tfds" (shards built by `python -m input_pipeline.build`
-      into `tfds_data_dir`). images: a key of `image_roots` or a folder (JSON kind only; the
-      shards hold the image bytes). weight: sampling weight; all None = concatenate and shuffle
-      (each set in proportion to its size, as the reference does), else all must be set and
-      each set is shuffled and repeated on its own and mixed with these weights.
+    datasets: list of {name, kind, format, files, negatives, images, weight}. name: the
+      dataset's folder under `data_root` and, as `sources.tfds_config_name(name)`, its TFDS
+      builder config. kind: "json" (read the JSON file directly; fine for small sets) or "tfds"
+      (shards built by `python -m input_pipeline.build` into `tfds_data_dir`). format: "hmpl"
+      (SAM3-I's HMPL-Instruct JSON) or "coco" (COCO instances JSON: one datapoint per image and
+      category, the name as the prompt, `input_pipeline.coco`; evaluation adds COCO AP).
+      files: {split: JSON path} (JSON kind; "" = the layout `<data_root>/<name>/sam3i_<split>.json`
+      or, for COCO, `instances_<split>.json`). negatives: COCO's share of absent categories
+      prompted per training image (0 to 1; evaluation prompts all of them). images: a key of
+      `image_roots` or a folder (JSON kind only; the shards hold the image bytes). weight:
+      sampling weight; all None = concatenate and shuffle (each set in proportion to its size,
+      as the reference does), else all must be set and each set is shuffled and repeated on its
+      own and mixed with these weights.
     data_root, tfds_data_dir, image_roots: where the JSON files, the built shards and the
       image folders are (image_roots maps a source name to a folder).
     generate_demo: generate the demo set into `data_root` if it is missing or out of date.

@@ -18,10 +18,15 @@ Categories are named in the style of PACO-LVIS (which HMPL-Instruct is built on)
 parts "mug:handle", so the reader gives every datapoint its target kind (object or part) and
 evaluation reports both; negatives query object classes.
 
+The same scenes are also exported as COCO instances (`coco/instances_{split}.json`: every object
+and part of each image annotated, categories as above), the demo of fine-tuning SAM 3 on a COCO
+dataset.
+
 Layout (under `default_demo_dir()` = `$SAM3I_DATA_DIR/demo_hmpl` or
 `~/.cache/sam3i_jax/demo_hmpl`):
   images/{train,val}/NNNNNN.jpg
   HMPL-Instruct_{1to1,1toN,1toAll}/sam3i_{train,val}.json
+  coco/instances_{train,val}.json
   demo_stamp.json   hash of this file + the parameters; a different stamp regenerates the set.
 Segmentations are compressed RLE, except roofs (polygons) and flag poles (uncompressed RLE), so
 every format of the reader is exercised by real files. Generation takes a few seconds and is
@@ -49,6 +54,7 @@ ENV_VAR = "SAM3I_DATA_DIR"
 IMAGE_FOLDER = "images"
 STAMP_FILE = "demo_stamp.json"
 SUBSETS = ("HMPL-Instruct_1to1", "HMPL-Instruct_1toN", "HMPL-Instruct_1toAll")
+COCO_FOLDER = "coco"  # the COCO export: <root>/coco/instances_<split>.json
 SPLIT_SEEDS = {"train": 0, "val": 1}
 IMAGE_SIZE = 256
 BACKGROUND = (232, 232, 226)
@@ -346,11 +352,18 @@ def _generate_split(root: pathlib.Path, split: str, num_images: int, seed: int,
   image_dir = root / IMAGE_FOLDER / split
   image_dir.mkdir(parents=True)
   files = {s: {"images": [], "annotations": [], "categories": _categories()} for s in SUBSETS}
+  instances = {"images": [], "annotations": [], "categories": _categories()}
   next_id, next_ann, negatives = first_id, 1, 0
   for n in range(num_images):
     pixels, objects = _scene(rng)
     file_name = f"{split}/{n:06d}.jpg"
     Image.fromarray(pixels).save(root / IMAGE_FOLDER / file_name, quality=92)
+    instances["images"].append({"id": n + 1, "file_name": file_name, "width": IMAGE_SIZE,
+                                "height": IMAGE_SIZE})
+    for obj in objects:
+      for part in (None, *range(len(obj.parts))):
+        instances["annotations"].append(
+            _annotation(obj, part, len(instances["annotations"]) + 1, n + 1))
     for entry in _entries(objects, rng):
       if not entry.targets:  # negatives go to the subsets in turn
         entry.subset = SUBSETS[negatives % len(SUBSETS)]
@@ -369,6 +382,9 @@ def _generate_split(root: pathlib.Path, split: str, num_images: int, seed: int,
     (root / subset).mkdir(exist_ok=True)
     with open(root / subset / f"sam3i_{split}.json", "w") as f:
       json.dump(data, f)
+  (root / COCO_FOLDER).mkdir(exist_ok=True)
+  with open(root / COCO_FOLDER / f"instances_{split}.json", "w") as f:
+    json.dump(instances, f)
   return next_id
 
 

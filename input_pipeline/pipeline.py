@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import grain
 import ml_collections
 
+from input_pipeline import config as config_lib
 from input_pipeline import hmpl
 from input_pipeline import sources as sources_lib
 from input_pipeline import transforms
@@ -94,13 +95,15 @@ def open_source(config: ml_collections.ConfigDict, entry: Any, split: str,
   `context_length` (the text encoder's) decides which instructions are over-long.
   """
   if entry.kind == "json":
-    path = os.path.join(config.data_root, entry.name, f"sam3i_{split}.json")
+    path = entry.files.get(split) or os.path.join(
+        config.data_root, entry.name, config_lib.LAYOUT_FILES[entry.format].format(split=split))
     rules = hmpl.TextRules(context_length=context_length,
                            overlong=config.overlong_instructions,
                            non_ascii=config.non_ascii_instructions, vocab_path=config.vocab_path)
-    return sources_lib.JsonSource(path, _image_root(config, entry.images),
-                                  bad_input=config.bad_input, check_images=config.check_images,
-                                  text_rules=rules)
+    return sources_lib.JsonSource(
+        path, _image_root(config, entry.images), format=entry.format, bad_input=config.bad_input,
+        check_images=config.check_images, text_rules=rules,
+        negatives=entry.negatives if split == config.train_split else 1.0, seed=config.seed)
   if entry.kind == "tfds":
     if not config.tfds_data_dir:
       raise ValueError("config.tfds_data_dir is not set (the --out of input_pipeline.build)")

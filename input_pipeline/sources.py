@@ -1,5 +1,6 @@
-"""Random-access sources of `Record`s: an HMPL JSON file read directly, or the ArrayRecord shards
-that the TFDS builder wrote. Both are picklable (grain's worker processes get a copy).
+"""Random-access sources of `Record`s: an HMPL or COCO instances JSON file read directly, or the
+ArrayRecord shards that the TFDS builder wrote. Both are picklable (grain's worker processes get a
+copy).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import dataclasses
 import json
 import os
 
+from input_pipeline import coco
 from input_pipeline import hmpl
 
 TFDS_BUILDER_NAME = "sam3i_instruct"
@@ -20,19 +22,29 @@ def tfds_config_name(dataset_name: str) -> str:
 
 
 class JsonSource:
-  """The records of one HMPL JSON file; each read fills in the image file's bytes.
+  """The records of one HMPL (`format="hmpl"`) or COCO instances (`"coco"`) JSON file; each read
+  fills in the image file's bytes.
 
-  Indexing validates the whole file up front (`hmpl.read_hmpl_json`); what was skipped is in
-  `report`. A file that disappears or cannot be read later gives a record with `image_error`
-  set, which the transform treats as a corrupt image.
+  Indexing validates the whole file up front (`hmpl.read_hmpl_json`, `coco.read_coco_json` with
+  `negatives` and `seed`); what was skipped is in `report`. A file that disappears or cannot be
+  read later gives a record with `image_error` set, which the transform treats as a corrupt
+  image.
   """
 
-  def __init__(self, json_path: str, image_root: str, *, bad_input: str = "error",
-               check_images: str = "exists", text_rules: hmpl.TextRules | None = hmpl.TextRules()):
+  def __init__(self, json_path: str, image_root: str, *, format: str = "hmpl",
+               bad_input: str = "error", check_images: str = "exists",
+               text_rules: hmpl.TextRules | None = hmpl.TextRules(), negatives: float = 1.0,
+               seed: int = 0):
     self.json_path, self.image_root = json_path, image_root
     self.report = hmpl.InputReport(bad_input)
-    self.records = hmpl.read_hmpl_json(json_path, image_root, check_images=check_images,
-                                       text_rules=text_rules, report=self.report)
+    options = dict(check_images=check_images, text_rules=text_rules, report=self.report)
+    if format == "hmpl":
+      self.records = hmpl.read_hmpl_json(json_path, image_root, **options)
+    elif format == "coco":
+      self.records = coco.read_coco_json(json_path, image_root, negatives=negatives, seed=seed,
+                                         **options)
+    else:
+      raise ValueError(f"unknown annotation format {format!r}; use 'hmpl' or 'coco'")
 
   def __len__(self) -> int:
     return len(self.records)

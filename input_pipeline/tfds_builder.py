@@ -1,7 +1,11 @@
-"""TFDS builder `sam3i_instruct`: HMPL-format JSON + image folder -> ArrayRecord shards.
+"""TFDS builder `sam3i_instruct`: HMPL-format or COCO instances JSON + image folder -> ArrayRecord
+shards.
 
 One builder config per dataset (the ten of SAM3-I's mixture are predefined; any other name works
-through `builder_config(name)`), one split per JSON file. Each example is one `hmpl.Record`:
+through `builder_config(name)`), one split per JSON file. A COCO file gives one record per (image,
+category) (`input_pipeline.coco`): the "train" split prompts the share `negatives` of each image's
+absent categories, every other split all of them (what COCO AP needs). Each example is one
+`hmpl.Record`:
   image       the image file's original encoded bytes (decoded at training time; nothing is
               re-encoded, so pixels are exactly the source file's);
   rles        each annotation's mask as a compressed COCO RLE string (polygons and uncompressed
@@ -44,7 +48,8 @@ does): json_files={"train": ".../sam3i_train.json", "val": ".../sam3i_val.json"}
 image_root=<the folder that file_name entries are relative to>; or lay out the manual dir as
 SAM3-I's release does and pass download_config=tfds.download.DownloadConfig(manual_dir=DIR):
   DIR/<dataset folder>/sam3i_train.json, DIR/<dataset folder>/sam3i_val.json
-      (e.g. DIR/HMPL-Instruct_1to1/sam3i_train.json; a missing split is left out)
+      (e.g. DIR/HMPL-Instruct_1to1/sam3i_train.json; a missing split is left out;
+      COCO instances files: instances_train.json, instances_val.json)
   DIR/images/...   the images (COCO train2014/val2014 or train2017/val2017, ReasonSeg)
 """
 
@@ -84,13 +89,15 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, json_files: Mapping[str, str] | None = None,
                image_root: str | None = None, bad_input: str = "error",
-               text_rules: hmpl.TextRules = hmpl.TextRules(), **kwargs: Any):
+               text_rules: hmpl.TextRules = hmpl.TextRules(), annotation_format: str = "hmpl",
+               negatives: float = 1.0, seed: int = 0, **kwargs: Any):
     kwargs.setdefault("file_format", "array_record")
     super().__init__(**kwargs)
     self._json_files = dict(json_files) if json_files else None
     self._image_root = image_root
     self._bad_input = bad_input
     self._text_rules = text_rules
+    self._format, self._negatives, self._seed = annotation_format, negatives, seed
     self.reports: dict[str, hmpl.InputReport] = {}
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -123,10 +130,12 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
       return self._json_files, self._image_root
     manual = os.fspath(dl_manager.manual_dir)
     folder = os.path.join(manual, self.builder_config.folder)
-    files = {s: os.path.join(folder, f"sam3i_{s}.json") for s in SPLITS
-             if os.path.isfile(os.path.join(folder, f"sam3i_{s}.json"))}
+    layout = config_lib.LAYOUT_FILES[self._format]
+    files = {s: os.path.join(folder, layout.format(split=s)) for s in SPLITS
+             if os.path.isfile(os.path.join(folder, layout.format(split=s)))}
     if not files:
-      raise FileNotFoundError(f"no sam3i_<split>.json in {folder}{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise FileNotFoundError(f"no {layout.format(split='<split>')} in {folder}"
+                              f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
     return files, self._image_root or os.path.join(manual, "images")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -137,8 +146,10 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, json_path: str,
                          image_root: str) -> Iterator[tuple[int, dict[str, Any]]]:
     report = self.reports[split] = hmpl.InputReport(self._bad_input)
-    source = sources.JsonSource(json_path, image_root, bad_input=self._bad_input,
-                                check_images="exists", text_rules=self._text_rules)
+    source = sources.JsonSource(
+        json_path, image_root, format=self._format, bad_input=self._bad_input,
+        check_images="exists", text_rules=self._text_rules,
+        negatives=self._negatives if split == "train" else 1.0, seed=self._seed)
     report.merge(source.report)
     for index in range(len(source)):
       record = source[index]

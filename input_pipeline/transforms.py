@@ -20,7 +20,8 @@ Eval (`EvalTransform`): resize to S x S with `sam3i_jax.preprocess.preprocess` (
 SAM 3's processor), no padding, the first string of each level (or the concept the item names),
 and under `HOST_KEY` (never sent to a device) the strings themselves with what evaluation groups
 and scores by: the dataset name, the target kind ("object", "part", "" unknown) and the ground
-truth as RLE.
+truth as RLE, and the prompt's image, category and annotations for COCO AP
+(`sam3i_jax.evaluation.coco_ap.instances_json`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from PIL import Image
 from input_pipeline import hmpl
 from input_pipeline import masks as masks_lib
 from sam3i_jax import preprocess
+from sam3i_jax.evaluation import coco_ap
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ BATCH_KEYS = ("image", "tokens_concept", "tokens_simple", "tokens_complex", "box
               "target_valid", "masks", "concept_id", "datapoint_id", "image_id", "orig_size",
               "content_size", "example_valid")
 HOST_KEY = "text"
-EVAL_TEXT_KEYS = (*hmpl.LEVELS, "dataset", "kind", "ground_truth")  # the strings under HOST_KEY
+# The strings under HOST_KEY.
+EVAL_TEXT_KEYS = (*hmpl.LEVELS, "dataset", "kind", "ground_truth", "instances")
 CONCEPT_CHOICES = ("random", "first")
 REFERENCE_SIZE = 1008  # SAM 3's image size, for which the train sizes are {480, 512, ..., 992}
 REFERENCE_MIN_SIZE = 480
@@ -261,6 +264,16 @@ def ground_truth_rle(record: hmpl.Record) -> str:
   return mask_utils.merge(rles)["counts"].decode("ascii")
 
 
+def instances(record: hmpl.Record) -> str:
+  """The record's image, queried category and annotations, for COCO AP."""
+  annotations = [{"id": int(i), "counts": r.decode("ascii") if isinstance(r, bytes) else r,
+                  "bbox": [float(v) for v in box], "iscrowd": bool(crowd)}
+                 for i, r, box, crowd in zip(record.annotation_ids, record.rles, record.boxes,
+                                             record.iscrowd)]
+  return coco_ap.instances_json(record.image_id, record.queried_category, record.height,
+                                record.width, annotations)
+
+
 class EvalTransform(grain.transforms.Map):
   """EvalItem -> eval example with its strings under HOST_KEY; padding for a skipped record.
 
@@ -286,7 +299,7 @@ class EvalTransform(grain.transforms.Map):
       targets = targets[:spec.max_targets]
     strings = {"concept": record.concept[item.concept_index], "simple": record.simple[0],
                "complex": record.complex[0], "dataset": item.dataset, "kind": record.kind,
-               "ground_truth": ground_truth_rle(record)}
+               "ground_truth": ground_truth_rle(record), "instances": instances(record)}
     pixels = preprocess.preprocess(np.asarray(image), spec.image_size)
     example = self.maker.make(record, targets, boxes_xyxy, pixels, (image.height, image.width),
                               spec.image_size, strings, id_concept=strings["concept"])

@@ -3,8 +3,6 @@
 MAIN_RECORD_DIR=DIR: every host batch's datapoint ids are appended, one JSON line per batch, to
   DIR/datapoints.<process index>.jsonl ({"kind": "train" | "eval", "ids": [...], "valid": [...]});
   test_multihost.py checks with it which data each process read.
-MAIN_CRASH=after_step:N: SIGKILL this process once its N-th training step is done and every
-  checkpoint begun before it is complete (a crash between checkpoints).
 MAIN_CRASH=in_save:N: SIGKILL this process as soon as the save of the checkpoint of step N has
   been started (an asynchronous save in flight).
 """
@@ -23,7 +21,6 @@ import input_pipeline  # noqa: E402
 import main  # noqa: E402
 from sam3i_jax.train import loop  # noqa: E402
 from sam3i_jax.train.checkpoints import Checkpoints  # noqa: E402
-from sam3i_jax.train.step import Trainer  # noqa: E402
 
 
 def record_datapoints(directory: str) -> None:
@@ -51,31 +48,17 @@ def record_datapoints(directory: str) -> None:
 
 def crash(spec: str) -> None:
   kind, _, number = spec.partition(":")
-  number = int(number)
-  save, step = Checkpoints.save, Trainer.step
-  opened, steps = [], [0]
+  if kind != "in_save" or not number.isdigit():
+    raise ValueError(f"MAIN_CRASH={spec!r}: expected in_save:N")
+  save = Checkpoints.save
 
   def crashing_save(self, at_step, *args, **kwargs):
-    opened.append(self)
     save(self, at_step, *args, **kwargs)
-    if kind == "in_save" and at_step == number:
+    if at_step == int(number):
       print(f"MAIN_CRASH: SIGKILL while saving checkpoint {at_step}", flush=True)
       os.kill(os.getpid(), signal.SIGKILL)
 
-  def crashing_step(self, batch):
-    import jax
-    metrics = jax.block_until_ready(step(self, batch))
-    steps[0] += 1
-    if kind == "after_step" and steps[0] == number:
-      for checkpoints in opened:
-        checkpoints.wait()
-      print(f"MAIN_CRASH: SIGKILL after step {number} of this run", flush=True)
-      os.kill(os.getpid(), signal.SIGKILL)
-    return metrics
-
-  if kind not in ("after_step", "in_save"):
-    raise ValueError(f"MAIN_CRASH={spec!r}: expected after_step:N or in_save:N")
-  Checkpoints.save, Trainer.step = crashing_save, crashing_step
+  Checkpoints.save = crashing_save
 
 
 if __name__ == "__main__":

@@ -130,3 +130,15 @@ def test_a_file_without_categories_is_refused(tmp_path):
   path = _write(tmp_path, [_image(1)], [], categories=[])
   with pytest.raises(hmpl.BadInputError, match="no usable categories"):
     coco.read_coco_json(path, str(tmp_path))
+
+
+def test_the_documented_minimal_example_reads_as_the_readme_says():
+  """docs/examples/instances_minimal.json, the README's example: 2 images x 2 categories."""
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "examples",
+                      "instances_minimal.json")
+  records = coco.read_coco_json(path, "images", check_images="none")
+  assert [(r.image_id, r.concept[0], len(r.rles)) for r in records] == [
+      (1, "traffic cone", 2), (1, "manhole cover", 0), (2, "traffic cone", 0),
+      (2, "manhole cover", 1)]
+  assert records[3].boxes.tolist() == [[320.0, 340.0, 3.0, 20.0]]  # the RLE's own box

@@ -225,6 +225,45 @@ def test_tfds_shards_give_the_same_examples_as_json(demo_root, built):
   assert next(train.iterator())["image"].shape == (4, 224, 224, 3)
 
 
+def test_coco_files_build_into_shards_that_read_like_the_json(demo_root, tmp_path):
+  """A COCO dataset (the demo set's export) built by the CLI with --format coco: the val split
+  prompts every category, train the share --negatives of the absent ones; both read through the
+  pipeline's tfds kind as the COCO JSON reads through its json kind."""
+  from input_pipeline import build, coco
+  files = {split: str(demo_root / demo_data.COCO_FOLDER / f"instances_{split}.json")
+           for split in ("train", "val")}
+  config = _config(demo_root, tfds_data_dir=str(tmp_path))
+  assert build.main(["--format", "coco", "--dataset", "demo_coco", "--json",
+                     f"train={files['train']}", "--json", f"val={files['val']}", "--images",
+                     str(demo_root / demo_data.IMAGE_FOLDER), "--negatives", "0.5", "--seed",
+                     str(config.seed), "--out", str(tmp_path)]) == 0
+  entry = dict(name="demo_coco", images="demo", format="coco", negatives=0.5)
+  config.datasets = [input_pipeline.dataset_entry(kind="json", files=files, **entry)]
+  from_json = input_pipeline.eval_pipeline(config, MODEL, process_index=0, process_count=1)
+  json_batches = list(from_json.iterator())
+  config.datasets = [input_pipeline.dataset_entry(kind="tfds", **entry)]
+  from_tfds = input_pipeline.eval_pipeline(config, MODEL, process_index=0, process_count=1)
+  categories = len(json.load(open(files["val"]))["categories"])
+  assert from_json.lengths == from_tfds.lengths == {"demo_coco": 8 * categories}
+
+  def by_id(batches):  # the shards hold the records in TFDS's shuffled order
+    return {int(datapoint): ({k: batch[k][i] for k in transforms.BATCH_KEYS},
+                             batch[transforms.HOST_KEY]["instances"][i])
+            for batch in batches for i, datapoint in enumerate(batch["datapoint_id"])
+            if batch["example_valid"][i]}
+
+  json_rows, tfds_rows = by_id(json_batches), by_id(from_tfds.iterator())
+  assert json_rows.keys() == tfds_rows.keys() and len(json_rows) == 8 * categories
+  for datapoint, (arrays, instances) in json_rows.items():
+    _assert_same(arrays, tfds_rows[datapoint][0])
+    assert instances == tfds_rows[datapoint][1]
+  train = coco.read_coco_json(files["train"], str(demo_root / demo_data.IMAGE_FOLDER),
+                              negatives=0.5, seed=config.seed)
+  assert input_pipeline.train_pipeline(config, MODEL, process_index=0, process_count=1
+                                       ).lengths == {"demo_coco": len(train)}
+  assert 24 * categories / 2 < len(train) < 24 * categories
+
+
 def _json_kinds(demo_root, subset, split):
   with open(demo_root / subset / f"sam3i_{split}.json") as f:
     data = json.load(f)

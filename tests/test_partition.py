@@ -131,3 +131,29 @@ def test_summary_prints_a_table(tiny):
   table = lines[0]
   assert f"{counts['total']:,}" in table and f"{counts[partition.TEXT_ADAPTERS]:,}" in table
   assert "frozen" in table and "trainable, LR group text_adapters" in table
+
+
+def test_freeze_by_part_names_and_regexes_on_top_of_stage_0():
+  tiny = abstract_model(get_preset("tiny", adapters=False))
+  paths = [dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.state(tiny, nnx.Param))[0]]
+  # The named parts cover every SAM 3 parameter, each exactly one part.
+  groups = {name: {p for p in paths if partition.is_trainable(p, 0) and not
+                   partition.is_trainable(p, 0, (name,))} for name in partition.FREEZE_GROUPS}
+  assert all(groups.values()), {k for k, v in groups.items() if not v}
+  assert sum(map(len, groups.values())) == len(paths) == len(set().union(*groups.values()))
+  assert all(p.startswith("backbone.vision_backbone.") for p in groups["vision"])
+  freeze = "vision, text,^transformer\\.decoder\\.layers\\."
+  trained = {dotted(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      nnx.state(tiny, partition.trainable(0, freeze)))[0]}
+  assert trained == set(paths) - groups["vision"] - groups["text"] - {
+      p for p in paths if p.startswith("transformer.decoder.layers.")}
+  counts = partition.counts(tiny, 0, freeze)
+  assert counts[partition.TEXT_ADAPTERS] == 0 and counts[partition.FROZEN] > counts[partition.DEFAULT]
+  partition.check_freeze(tiny, freeze)
+  with pytest.raises(ValueError, match=r"\['visoin'\] match no parameter"):
+    partition.check_freeze(tiny, "visoin,text")
+  with pytest.raises(ValueError, match="neither one of"):
+    partition.freeze_patterns("decoder,(unclosed")
+  with pytest.raises(ValueError, match="covers everything"):
+    partition.counts(tiny, 0, ".*")

@@ -1,16 +1,18 @@
 """The inference API and CLI on a converted (tiny, random-weight) checkpoint."""
 
+import json
 import os
 
 import jax
 import numpy as np
 import parity
+import pycocotools.mask as mask_utils
 import pytest
 from flax import nnx
 from PIL import Image
 
 from sam3i_jax.evaluation.postprocess import postprocess
-from sam3i_jax.predict import Predictor, main
+from sam3i_jax.predict import Predictor, main, predict_folder
 from sam3i_jax.preprocess import preprocess
 
 
@@ -136,3 +138,79 @@ def test_levels(sam3i_predictor, predictor, photo, tmp_path, capsys):
     main(["--model", directory, "--image", path, "--text", text, "--level", "2",
           "--output", output])
   assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+  """Four images of three sizes (PNG and JPEG, one in a subfolder), a corrupt JPEG and a text file."""
+  folder = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(11)
+  (folder / "sub").mkdir()
+  for name, (h, w) in (("a.png", (150, 230)), ("b.jpg", (96, 64)), ("sub/c.png", (150, 230)),
+                       ("d.jpeg", (200, 120))):
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+  (folder / "notes.txt").write_text("not an image")
+  return folder
+
+
+def test_folder_cli_writes_coco_results_and_reports_bad_files(predictor, converted, photo_folder,
+                                                              tmp_path, capsys):
+  output, pngs = tmp_path / "out" / "results.json", tmp_path / "pngs"
+  texts = ["a striped umbrella", "a dog"]
+  assert main(["--model", converted, "--images", str(photo_folder), "--text", texts[0], "--text",
+               texts[1], "--threshold", "0.0", "--batch-size", "2", "--output", str(output),
+               "--png-dir", str(pngs)]) == 0
+  captured = capsys.readouterr()
+  assert f"skipped {photo_folder / 'broken.jpg'}: " in captured.err
+  assert "1 image(s) skipped" in captured.out and "broken.jpg: " in captured.out
+  assert "1 file(s) without an image suffix" in captured.out and "notes.txt" in captured.out
+  results = json.load(open(output))
+  files = ["a.png", "b.jpg", "broken.jpg", "d.jpeg", "sub/c.png"]  # sorted, recursive
+  by_key = {}
+  for entry in results:
+    by_key.setdefault((entry["image_id"], entry["category_id"]), []).append(entry)
+  assert sorted(by_key) == [(i, c) for i in (1, 2, 4, 5) for c in (1, 2)]
+  for (image_id, category_id), entries in by_key.items():
+    name = files[image_id - 1]
+    image = np.asarray(Image.open(photo_folder / name).convert("RGB"))
+    # The batched folder run (2 images per batch, the last batch padded) = one image at a time.
+    want = predictor.predict(str(photo_folder / name), texts[category_id - 1], threshold=0.0)
+    assert all(e["file_name"] == name and e["text"] == texts[category_id - 1] for e in entries)
+    np.testing.assert_allclose([e["score"] for e in entries], want.scores, rtol=1e-5)
+    np.testing.assert_allclose([e["bbox"][:2] for e in entries], want.boxes_xyxy[:, :2],
+                               rtol=1e-4, atol=1e-3)
+    masks = mask_utils.decode([e["segmentation"] for e in entries]).transpose(2, 0, 1)
+    assert masks.shape == (len(want.scores), *image.shape[:2])
+    assert np.mean(masks != want.masks) < 1e-4
+    assert (pngs / f"{os.path.splitext(name)[0]}.text{category_id}.png").is_file()
+
+  # Images of other sizes, and a folder whose last batch is short, run the same programs.
+  rng = np.random.default_rng(5)
+  for folder, count in (("eight", 8), ("seven", 7)):
+    (tmp_path / folder).mkdir()
+    for i in range(count):
+      size = tuple(int(v) for v in rng.integers(40, 300, 2))
+      Image.fromarray(np.full((*size, 3), 9 * i, np.uint8)).save(tmp_path / folder / f"{i}.png")
+  predict_folder(predictor, str(tmp_path / "eight"), texts[:1], str(tmp_path / "8.json"),
+                 batch_size=4, log=lambda *_: None)
+  counter = CompileCounter()
+  assert predict_folder(predictor, str(tmp_path / "seven"), texts[:1], str(tmp_path / "7.json"),
+                        batch_size=4, log=lambda *_: None) == {}
+  assert counter.count == 0
+  assert {e["image_id"] for e in json.load(open(tmp_path / "7.json"))} <= set(range(1, 8))
+
+
+def test_folder_cli_refuses_bad_arguments(converted, photo_folder, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    main(["--model", converted, "--images", str(tmp_path / "missing"), "--text", "a dog",
+          "--output", str(tmp_path / "r.json")])
+  with pytest.raises(SystemExit):
+    main(["--model", converted, "--image", "x.png", "--text", "a dog", "--text", "a cat",
+          "--output", str(tmp_path / "r.png")])
+  assert "--image takes one --text" in capsys.readouterr().err
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="no image files"):
+    main(["--model", converted, "--images", str(empty), "--text", "a dog",
+          "--output", str(tmp_path / "r.json")])

@@ -108,12 +108,6 @@ def curriculum_config(workdir, cache_dir, stop_after_steps: int = 0):
   return config
 
 
-
-
-
-
-
-
 @pytest.mark.xdist_group("train_loop")
 def test_curriculum_resumes_mid_stage3_skips_finished_stages_and_keeps_frozen_weights(
     tmp_path, capsys, jax_cache):

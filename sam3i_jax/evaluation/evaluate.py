@@ -9,11 +9,15 @@ reader's rule is in `input_pipeline.hmpl`), per level x dataset and per level x 
 unknown kind (files without categories, RefCOCO-style sets) count in every group but the kind
 ones. With several processes, each evaluates its share and the per-sample rows are gathered
 before the metrics are computed.
+
+COCO-style datasets (`ap_datasets`: every category prompted on every image) also get COCO box and
+mask AP per level (`sam3i_jax.evaluation.coco_ap`), in their level x dataset group.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -24,6 +28,7 @@ import pycocotools.mask as mask_utils
 from flax import nnx
 
 from sam3i_jax import visualize
+from sam3i_jax.evaluation import coco_ap
 from sam3i_jax.evaluation import metrics as metrics_lib
 from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.preprocess import denormalize
@@ -47,17 +52,28 @@ def decode_ground_truth(rle: str, height: int, width: int) -> np.ndarray:
                            "counts": str(rle).encode("ascii")}).astype(bool)
 
 
+def _allgather_ragged(local: np.ndarray) -> list[np.ndarray]:
+  """Every process's `local` (first axes of any length, the others equal), in process order."""
+  if jax.process_count() == 1:
+    return [local]
+  from jax.experimental import multihost_utils
+  counts = multihost_utils.process_allgather(np.asarray([len(local)]))
+  padded = np.zeros((int(counts.max()), *local.shape[1:]), local.dtype)
+  padded[:len(local)] = local
+  gathered = multihost_utils.process_allgather(padded)
+  return [g[:int(n)] for g, n in zip(gathered, counts.reshape(-1))]
+
+
 def _gather_samples(rows: list[tuple[int, ...]]) -> np.ndarray:
   """(N, len(ROW_COLUMNS)) int64: the rows of every process."""
   local = np.asarray(rows, np.int64).reshape(-1, len(ROW_COLUMNS))
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils
-  counts = multihost_utils.process_allgather(np.asarray([len(local)]))
-  padded = np.zeros((int(counts.max()), len(ROW_COLUMNS)), np.int64)
-  padded[:len(local)] = local
-  gathered = multihost_utils.process_allgather(padded)
-  return np.concatenate([g[:int(n)] for g, n in zip(gathered, counts.reshape(-1))])
+  return np.concatenate(_allgather_ragged(local))
+
+
+def _gather_json(value: Any) -> list[Any]:
+  """`value` (JSON-able) of every process, in process order."""
+  local = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  return [json.loads(part.tobytes()) for part in _allgather_ragged(local)]
 
 
 def _kind_index(kind: str) -> int:
@@ -72,6 +88,7 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
              datasets: Sequence[str] = (), to_device: Callable[[dict], dict] | None = None,
              from_device: Callable[[Any], Any] = jax.device_get,
              image_dir: str | None = None, num_images: int = 0,
+             ap_datasets: Sequence[str] = (), ap_max_detections: int = 100,
              log: Callable[[str], Any] = print) -> dict[str, dict[str, float]]:
   """-> metrics by group: "all", "level=simple", "dataset=...", "kind=object", "kind=part",
   "level=.../dataset=..." and "level=.../kind=...". Samples of unknown kind ("") are in no kind
@@ -83,13 +100,17 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
     `to_device`: turns a host batch's arrays into (global) device arrays; None = as they are.
     `from_device`: the model outputs -> this process's rows as numpy (multi-host:
     `multihost_utils.global_array_to_host_local_array`). `image_dir`, `num_images`: PNG
-    overlays of the first predictions per level (process 0 only).
+    overlays of the first predictions per level (process 0 only). `ap_datasets`: the names of
+    COCO-style datasets, which also get COCO AP (`ap_max_detections` per prompt) in their
+    "level=.../dataset=..." groups (`coco_ap.CocoDetections.result`).
   """
   model.eval()
   graphdef, state = nnx.split(model)
   dataset_index = {name: i for i, name in enumerate(datasets)}
   rows: list[tuple[int, ...]] = []
   drawn = {level: 0 for level in levels}
+  detections_for_ap = {(level, name): coco_ap.CocoDetections(ap_max_detections)
+                       for level in levels for name in ap_datasets}
   start, seen = time.time(), 0
   for batch_number, batch in enumerate(batches):
     host = batch[HOST_KEY]
@@ -109,6 +130,11 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
         target = decode_ground_truth(host["ground_truth"][i], height, width)
         inter, union = metrics_lib.intersection_union(prediction, target)
         name = str(host["dataset"][i])
+        if (level, name) in detections_for_ap:
+          detections_for_ap[level, name].add(str(host["instances"][i]), postprocess(
+              *(outputs[k][i] for k in OUTPUT_KEYS), (height, width), 0.0,
+              presence_in_logits=model.config.joint_presence_scores,
+              max_detections=ap_max_detections))
         if name not in dataset_index:
           dataset_index[name] = len(dataset_index)
         rows.append((inter, union, level_number, dataset_index[name],
@@ -128,7 +154,19 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
     if kind:
       tags["kind"] = TARGET_KINDS[int(kind) - 1]
     accumulator.add_counts(int(inter), int(union), **tags)
-  return accumulator.result()
+  results = accumulator.result()
+  for (level, name), detections in detections_for_ap.items():
+    gathered = coco_ap.CocoDetections(ap_max_detections)
+    for state in _gather_json(detections.state()):
+      gathered.merge(state)
+    group = results.setdefault(f"level={level}/dataset={name}", {"count": 0})
+    group.update(gathered.result())
+    if group["AP_images_left_out"]:
+      log(f"COCO AP of {name} at the {level} level: {group['AP_images_left_out']} image(s) not "
+          f"prompted with all {len(gathered.categories)} categories are left out (an evaluation "
+          f"cut short by max_batches, or a split read with negatives < 1); "
+          f"{group['AP_images']} measured")
+  return results
 
 
 def _draw(image_dir: str, level: str, text: str, image: np.ndarray, size: tuple[int, int],
@@ -149,10 +187,12 @@ def _draw(image_dir: str, level: str, text: str, image: np.ndarray, size: tuple[
 
 
 def format_table(results: dict[str, dict[str, float]], keys: Sequence[str] = (
-    "gIoU", "cIoU", "P@0.5", "gIoU_lisa")) -> str:
+    "gIoU", "cIoU", "P@0.5", "gIoU_lisa"), ap_keys: Sequence[str] = ("box_AP", "mask_AP")) -> str:
+  """One row per group; the COCO AP columns only when some group has them ("-": not measured)."""
+  keys = [*keys, *(k for k in ap_keys if any(k in values for values in results.values()))]
   width = max(len(group) for group in results)
   lines = [f"{'group':<{width}}  {'count':>6}  " + "  ".join(f"{k:>9}" for k in keys)]
   for group, values in results.items():
-    lines.append(f"{group:<{width}}  {values['count']:>6}  " +
-                 "  ".join(f"{values[k]:>9.2f}" for k in keys))
+    lines.append(f"{group:<{width}}  {values['count']:>6}  " + "  ".join(
+        f"{values[k]:>9.2f}" if k in values else f"{'-':>9}" for k in keys))
   return "\n".join(lines)

@@ -54,8 +54,8 @@ def _scores_and_boxes(pred_logits, pred_boxes, presence_logit, orig_hw, presence
 
 
 def postprocess(pred_logits, pred_boxes, pred_masks, presence_logit, orig_hw: tuple[int, int],
-                threshold: float = 0.5, *, presence_in_logits: bool = False
-                ) -> dict[str, np.ndarray]:
+                threshold: float = 0.5, *, presence_in_logits: bool = False,
+                max_detections: int | None = None) -> dict[str, np.ndarray]:
   """Host-side post-processing of one image (numpy in, numpy out).
 
   Args:
@@ -64,6 +64,8 @@ def postprocess(pred_logits, pred_boxes, pred_masks, presence_logit, orig_hw: tu
     orig_hw: the original image's (H, W).
     presence_in_logits: the model's `config.joint_presence_scores` (SAM 3.1): score with the
       logits alone.
+    max_detections: keep at most this many of the queries above the threshold, the best-scoring
+      (for COCO AP); None: all of them.
   Returns:
     scores (K,) float32, boxes_xyxy (K, 4) float32 in original pixels, masks (K, H, W) bool,
     query_index (K,) int64; the K kept queries in query order.
@@ -75,6 +77,9 @@ def postprocess(pred_logits, pred_boxes, pred_masks, presence_logit, orig_hw: tu
     scores, boxes = _scores_and_boxes(pred_logits, pred_boxes, presence_logit, orig_hw,
                                       presence_in_logits)
   keep = np.flatnonzero(scores > threshold)
+  if max_detections is not None and len(keep) > max_detections:
+    best = np.argsort(-scores[keep], kind="stable")[:max_detections]
+    keep = np.sort(keep[best])
   logits = resize_logits_np(pred_masks[keep], orig_hw)
   return {"scores": scores[keep], "boxes_xyxy": boxes[keep], "masks": logits > 0,
           "query_index": keep}

@@ -88,14 +88,17 @@ def numerics(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def model_config(config: ml_collections.ConfigDict):
-  """The SAM3-I model config: the init checkpoint's sizes, or the preset's."""
+  """The model config: the init checkpoint's sizes, or the preset's (with the SAM3-I adapters).
+  A checkpoint without the adapters starts only stages that train SAM 3's concept level alone
+  (stage 0: fine-tuning SAM 3 itself)."""
   overrides = numerics(config)
   if config.init.checkpoint:
     loaded = read_config(config.init.checkpoint, **overrides)
-    if not loaded.adapters:
-      raise ValueError(f"{config.init.checkpoint} holds SAM 3 without the SAM3-I adapters; "
-                       "convert sam3.pt with `python -m convert sam3 --adapters ...` (identity "
-                       "adapters) to start the SAM3-I stages from it")
+    sam3i_stages = [s for s in config.stages if set(curriculum.get(s).levels) != {"concept"}]
+    if not loaded.adapters and sam3i_stages:
+      raise ValueError(f"{config.init.checkpoint} holds SAM 3 without the SAM3-I adapters, which "
+                       f"stage(s) {sam3i_stages} train; convert sam3.pt with `python -m convert "
+                       "sam3 --adapters ...` (identity adapters) to start them from it")
     return loaded
   return get_preset(config.model.preset, adapters=True, **overrides)
 
@@ -103,7 +106,7 @@ def model_config(config: ml_collections.ConfigDict):
 def initial_model(config: ml_collections.ConfigDict) -> nnx.Module:
   if config.init.checkpoint:
     _log(f"init: {config.init.checkpoint}")
-    model_config(config)  # checks the directory holds the adapters
+    model_config(config)  # checks the directory holds the adapters the stages need
     return load_pretrained(config.init.checkpoint, **numerics(config))
   _log(f"init: random ({config.model.preset} preset, seed {config.seed})")
   return Sam3Image(model_config(config), rngs=host_counted_rngs(config.seed))
@@ -157,7 +160,7 @@ def _finite(metrics: dict[str, Any]) -> bool:
 class StageTraining(NamedTuple):
   """What a stage's training step is built from."""
   tx: Any  # the optimizer: the stage's LR groups and schedule, weight decay, clipping
-  wrt: Any  # the nnx filter of the stage's trainable parameters (the curriculum's groups)
+  wrt: Any  # the nnx filter of the trainable parameters (the curriculum's groups less freeze)
   step_config: Callable[[int], StepConfig]  # the step config in force from a given step on
   learning_rates: Callable[[Any], dict[str, Any]]  # optimizer step -> {LR group: rate}
 
@@ -186,7 +189,7 @@ def stage_training(config: ml_collections.ConfigDict, model: nnx.Module, stage: 
 
   schedules = {name: optimizer_lib.inverse_sqrt_schedule(lr, schedule)
                for name, lr in group_lrs.items()}
-  return StageTraining(tx, partition.trainable(stage), step_config,
+  return StageTraining(tx, partition.trainable(stage, config.train.freeze), step_config,
                        lambda count: {k: s(count) for k, s in schedules.items()})
 
 
@@ -200,7 +203,8 @@ def train_stage(config, model, stage: int, mesh, log: MetricsLog, stage_dir: str
   pipeline = input_pipeline.train_pipeline(data, model.config)
   _log(f"stage {stage}: data {pipeline.lengths}; {pipeline.report}")
   num_steps = stage_steps(config, stage, pipeline)
-  partition.summary(model, stage, print_fn=_log)
+  partition.check_freeze(model, config.train.freeze)
+  partition.summary(model, stage, print_fn=_log, freeze=config.train.freeze)
   binary_from = settings.binary_targets_from_step
   training = stage_training(config, model, stage, num_steps)
   step_config = training.step_config
@@ -285,7 +289,7 @@ def run_evaluation(config, model, mesh, stage: int, step: int, log: MetricsLog,
       to_device=lambda b: input_pipeline.make_global_batch(b, mesh, data_axes),
       from_device=lambda outputs: input_pipeline.host_local_batch(outputs, mesh, data_axes),
       image_dir=os.path.join(stage_dir, "predictions"), num_images=config.eval.num_images,
-      log=_log)
+      ap_datasets=tuple(e.name for e in config.data.datasets if e.format == "coco"), log=_log)
   _log(format_table(results))
   log.write("eval", stage, step, {f"{group}/{k}": v for group, values in results.items()
                                   for k, v in values.items()})
