@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from input_pipeline import config as config_lib
 from input_pipeline import hmpl
 
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--images", default=None, help="folder that file_name entries are "
                       "relative to (default with --manual-dir: DIR/images)")
   parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
-  parser.add_argument("--format", choices=("hmpl", "coco"), default="hmpl",
+  parser.add_argument("--format", choices=config_lib.ANNOTATION_FORMATS, default="hmpl",
                       help="the JSON files' format: SAM3-I's HMPL-Instruct or COCO instances")
   parser.add_argument("--negatives", type=float, default=1.0,
                       help="COCO: the share (0 to 1) of the categories absent from an image "

@@ -266,7 +266,7 @@ def ground_truth_rle(record: hmpl.Record) -> str:
 
 def instances(record: hmpl.Record) -> str:
   """The record's image, queried category and annotations, for COCO AP."""
-  annotations = [{"id": int(i), "counts": r.decode("ascii") if isinstance(r, bytes) else r,
+  annotations = [{"id": int(i), "counts": r.decode("ascii"),
                   "bbox": [float(v) for v in box], "iscrowd": bool(crowd)}
                  for i, r, box, crowd in zip(record.annotation_ids, record.rles, record.boxes,
                                              record.iscrowd)]

@@ -35,10 +35,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pycocotools.mask as mask_utils
 from flax import nnx
 
 from sam3i_jax import visualize
+from sam3i_jax.evaluation import coco_ap
 from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.models.levels import Level, parse_level
 from sam3i_jax.models.sam3 import ImageFeatures
@@ -194,15 +194,8 @@ def image_files(folder: str) -> tuple[list[str], list[str]]:
 def coco_results(prediction: Prediction, image_id: int, file_name: str, category_id: int,
                  text: str) -> list[dict]:
   """One prediction as COCO result entries (with file_name and text beside the COCO fields)."""
-  entries = []
-  for (x0, y0, x1, y1), score, mask in zip(prediction.boxes_xyxy.tolist(),
-                                           prediction.scores.tolist(), prediction.masks):
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    entries.append({"image_id": image_id, "file_name": file_name, "category_id": category_id,
-                    "text": text, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score,
-                    "segmentation": {"size": [int(v) for v in rle["size"]],
-                                     "counts": rle["counts"].decode("ascii")}})
-  return entries
+  return [{**entry, "file_name": file_name, "text": text} for entry in coco_ap.detection_results(
+      prediction.scores, prediction.boxes_xyxy, prediction.masks, image_id, category_id)]
 
 
 def _progress(done: int, total: int, start: float, skipped: int) -> None:
@@ -227,17 +220,17 @@ def predict_folder(predictor: Predictor, folder: str, texts: Sequence[str], outp
     raise FileNotFoundError(f"no image files in {folder}")
   results, skipped, start = [], {}, time.time()
   for first in range(0, len(files), batch_size):
-    names, images = [], []
-    for name in files[first:first + batch_size]:
+    ids, names, images = [], [], []
+    for image_id, name in enumerate(files[first:first + batch_size], first + 1):
       try:
         images.append(load_image(os.path.join(folder, name)))
+        ids.append(image_id)
         names.append(name)
       except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on a bad file
         skipped[name] = f"{type(e).__name__}: {e}"
         print(f"\nskipped {os.path.join(folder, name)}: {skipped[name]}", file=sys.stderr)
     predictions = predictor.predict_texts(images, texts, threshold, level, batch_size)
-    for name, image, per_text in zip(names, images, predictions):
-      image_id = files.index(name) + 1
+    for image_id, name, image, per_text in zip(ids, names, images, predictions):
       for category_id, (text, prediction) in enumerate(zip(texts, per_text), 1):
         results += coco_results(prediction, image_id, name, category_id, text)
         if png_dir:

@@ -6,8 +6,9 @@ The ground truth travels with the evaluated samples (`instances_json`: the promp
 category and annotations), so JSON files, ArrayRecord shards and any number of processes give the
 same numbers; an image's ground truth is the union of its samples' annotations, so the images must
 be prompted with every category (the COCO reader's `negatives=1`) for the AP to be COCO's. Each
-prompt contributes its `max_detections` best-scoring queries (COCOeval keeps 100 per image and
-category), boxes in pixels and masks at the image's size, as post-processing gives them.
+prompt contributes the detections post-processing gives it (evaluation keeps the 100
+best-scoring queries, unthresholded, as COCOeval keeps 100 per image and category), boxes in
+pixels and masks at the image's size.
 
 Reported, in percent: {box,mask}_{AP,AP50,AP75,APs,APm,APl} (COCOeval.stats[:6]), over the images
 prompted with every category (`AP_images`; the others are counted in `AP_images_left_out`). An
@@ -41,11 +42,25 @@ def instances_json(image_id: int, category_id: int, height: int, width: int,
                     separators=(",", ":"))
 
 
+def detection_results(scores: np.ndarray, boxes_xyxy: np.ndarray, masks: np.ndarray,
+                      image_id: int, category_id: int) -> list[dict[str, Any]]:
+  """Post-processed detections of one prompt as COCO result entries: image_id, category_id,
+  score, bbox [x, y, w, h] pixels and segmentation (compressed RLE at the masks' size)."""
+  entries = []
+  for score, (x0, y0, x1, y1), mask in zip(np.asarray(scores).tolist(),
+                                           np.asarray(boxes_xyxy).tolist(), masks):
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    entries.append({"image_id": int(image_id), "category_id": int(category_id), "score": score,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "segmentation": {"size": [int(v) for v in rle["size"]],
+                                     "counts": rle["counts"].decode("ascii")}})
+  return entries
+
+
 class CocoDetections:
   """Ground truth and detections of prompted (image, category) samples; `result()` -> AP."""
 
-  def __init__(self, max_detections: int = 100):
-    self.max_detections = max_detections
+  def __init__(self):
     self.images: dict[int, tuple[int, int]] = {}
     self.annotations: dict[int, dict[str, Any]] = {}  # by annotation id
     self.categories: set[int] = set()
@@ -54,7 +69,7 @@ class CocoDetections:
 
   def add(self, instances: str, detections: dict[str, np.ndarray]) -> None:
     """One sample: its `instances_json` and its post-processed detections (scores,
-    boxes_xyxy, masks at the image's size; the `max_detections` best-scoring are kept)."""
+    boxes_xyxy, masks at the image's size), every one of which is a result."""
     sample = json.loads(instances)
     image, category = sample["image_id"], sample["category_id"]
     if (image, category) in self.prompted:
@@ -66,14 +81,8 @@ class CocoDetections:
     self.categories.add(category)
     for ann in sample["annotations"]:
       self.annotations[ann["id"]] = {**ann, "image_id": image, "category_id": category}
-    order = np.argsort(-np.asarray(detections["scores"]), kind="stable")[:self.max_detections]
-    for k in order:
-      x0, y0, x1, y1 = (float(v) for v in detections["boxes_xyxy"][k])
-      rle = mask_utils.encode(np.asfortranarray(detections["masks"][k].astype(np.uint8)))
-      self.results.append({"image_id": image, "category_id": category,
-                           "score": float(detections["scores"][k]),
-                           "bbox": [x0, y0, x1 - x0, y1 - y0],
-                           "counts": rle["counts"].decode("ascii")})
+    self.results += detection_results(detections["scores"], detections["boxes_xyxy"],
+                                      detections["masks"], image, category)
 
   def state(self) -> dict[str, Any]:
     """Everything added, as JSON-able lists (to gather from several processes)."""
@@ -139,18 +148,10 @@ class CocoDetections:
             "annotations": annotations}
 
   def _results(self, iou_type: str, images: set[int]) -> list[dict[str, Any]]:
-    results = []
-    for r in self.results:
-      if r["image_id"] not in images:
-        continue
-      entry = {"image_id": r["image_id"], "category_id": r["category_id"], "score": r["score"]}
-      if iou_type == "segm":  # without the box: pycocotools would give the mask the box's area
-        height, width = self.images[r["image_id"]]
-        entry["segmentation"] = {"size": [height, width], "counts": r["counts"]}
-      else:
-        entry["bbox"] = r["bbox"]
-      results.append(entry)
-    return results
+    # segm results without the box: with one, pycocotools would give the mask the box's area.
+    other = "bbox" if iou_type == "segm" else "segmentation"
+    return [{k: v for k, v in r.items() if k != other} for r in self.results
+            if r["image_id"] in images]
 
 
 def _empty(truth):

@@ -109,7 +109,7 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
   dataset_index = {name: i for i, name in enumerate(datasets)}
   rows: list[tuple[int, ...]] = []
   drawn = {level: 0 for level in levels}
-  detections_for_ap = {(level, name): coco_ap.CocoDetections(ap_max_detections)
+  detections_for_ap = {(level, name): coco_ap.CocoDetections()
                        for level in levels for name in ap_datasets}
   start, seen = time.time(), 0
   for batch_number, batch in enumerate(batches):
@@ -156,7 +156,7 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
     accumulator.add_counts(int(inter), int(union), **tags)
   results = accumulator.result()
   for (level, name), detections in detections_for_ap.items():
-    gathered = coco_ap.CocoDetections(ap_max_detections)
+    gathered = coco_ap.CocoDetections()
     for state in _gather_json(detections.state()):
       gathered.merge(state)
     group = results.setdefault(f"level={level}/dataset={name}", {"count": 0})
