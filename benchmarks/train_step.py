@@ -104,8 +104,33 @@ def _parameter_counts(model, stage: int) -> dict[str, int]:
   return {"total": counts["total"], "trainable": counts["total"] - counts[partition.FROZEN]}
 
 
+def _matching_s(model, batch, step_config, repeats: int) -> float:
+  """Median seconds of the step's matching alone (both matchers, every branch of every level the
+  stage trains), jitted, on the outputs of one training-mode forward pass of `batch`."""
+  import jax
+  from flax import nnx
+
+  from sam3i_jax.losses.detection import branch_assignments
+  from sam3i_jax.train.step import forward
+
+  levels = step_config.objective.levels
+  model.train()  # the outputs of every decoder layer and the one-to-many queries, as in training
+  outputs = nnx.jit(lambda m, b: forward(m, b, step_config.stage))(model, batch)
+  outputs = {level: outputs[level] for level in levels}
+  match = jax.jit(lambda outs, boxes, valid: [branch_assignments(outs[level], boxes, valid)
+                                              for level in levels])
+  args = (outputs, batch["boxes"], batch["target_valid"])
+  jax.block_until_ready(match(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(match(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int,
-                      warmup: int) -> dict:
+                      warmup: int, max_targets: int) -> dict:
   import jax
   import numpy as np
 
@@ -126,10 +151,17 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
 
   train_config.train.global_batch = global_batch
   data = loop.stage_data_config(train_config, stage, global_batch)
+  data.max_targets = max_targets
   iterator = input_pipeline.train_pipeline(data, model_config, process_index=0,
                                            process_count=1).iterator()
-  batches = [input_pipeline.make_global_batch(next(iterator), mesh, sharding.batch_axes())
-             for _ in range(warmup + steps)]
+  host_batches = [next(iterator) for _ in range(warmup + steps)]
+  # what travels host -> device per example, by field (the padded mask targets dominate)
+  bytes_per_example = {key: int(np.asarray(value).nbytes) // global_batch
+                       for key, value in host_batches[0].items()
+                       if isinstance(value, np.ndarray) and value.dtype != object}
+  valid_targets = [int(b["target_valid"].sum(-1).max()) for b in host_batches]
+  batches = [input_pipeline.make_global_batch(b, mesh, sharding.batch_axes())
+             for b in host_batches]
 
   start = time.perf_counter()
   lowered = trainer.lower(batches[0])
@@ -148,6 +180,7 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
     raise FloatingPointError(f"non-finite loss in {losses}")
   step_s = statistics.median(times[warmup:])
   batch_size, targets = batches[0]["target_valid"].shape
+  matching_s = _matching_s(trainer.model(), batches[0], training.step_config(0), max(steps, 3))
   return {
       "model": model_name, "stage": stage, "img_size": model_config.img_size,
       "dtype": model_config.dtype, "remat": model_config.remat, "parameters": parameters,
@@ -155,6 +188,8 @@ def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int
       "lower_s": lower_s, "compile_s": compile_s, "first_step_s": times[0],
       "step_s": times[warmup:], "median_step_s": step_s, "steps_per_s": 1 / step_s,
       "examples_per_s": batch_size / step_s, "losses": losses,
+      "matching_s": matching_s, "most_valid_targets_per_batch": valid_targets,
+      "bytes_per_example": {**bytes_per_example, "total": sum(bytes_per_example.values())},
       "memory": memory_stats(compiled), "device": str(jax.devices()[0].device_kind),
       "peak_rss_gb": common.peak_rss_gb(),
   }
@@ -268,17 +303,18 @@ def _gb(n: float) -> str:
 def _print_throughput(runs: list[dict]) -> None:
   print("\nThroughput, 1 CPU device (median step after warm-up)")
   print(f"{'model':6s} {'stage':>5s} {'params M':>9s} {'train M':>8s} {'batch':>5s} {'T':>3s} "
-        f"{'lower s':>8s} {'compile s':>9s} {'step s':>7s} {'steps/s':>8s} {'ex/s':>6s} "
-        f"{'RSS GB':>7s}")
+        f"{'lower s':>8s} {'compile s':>9s} {'step s':>7s} {'match s':>7s} {'ex/s':>6s} "
+        f"{'MB/ex':>6s} {'RSS GB':>7s}")
   for r in runs:
     if "error" in r:
-      print(f"{r['model']:6s} {r['stage']:5d}  failed: {r['error'].splitlines()[0]}")
+      print(f"{r['model']:6s} {r['stage']:5d} T={r.get('max_targets')} failed: "
+            f"{r['error'].splitlines()[0]}")
       continue
     p = r["parameters"]
     print(f"{r['model']:6s} {r['stage']:5d} {p['total'] / 1e6:9.2f} {p['trainable'] / 1e6:8.2f} "
           f"{r['global_batch']:5d} {r['max_targets']:3d} {r['lower_s']:8.1f} {r['compile_s']:9.1f} "
-          f"{r['median_step_s']:7.2f} {r['steps_per_s']:8.3f} {r['examples_per_s']:6.2f} "
-          f"{r['peak_rss_gb']:7.2f}")
+          f"{r['median_step_s']:7.2f} {r['matching_s']:7.3f} {r['examples_per_s']:6.2f} "
+          f"{r['bytes_per_example']['total'] / 1e6:6.2f} {r['peak_rss_gb']:7.2f}")
 
 
 def _print_memory(runs: list[dict]) -> None:
@@ -324,6 +360,8 @@ def main() -> None:
   parser.add_argument("--throughput", nargs="*", default=["demo:0,1,3", "mid:1,3"],
                       help="model:stage,stage,... runs on one CPU device (none: skip, keeping "
                       "the output file's earlier results)")
+  parser.add_argument("--targets", nargs="*", type=int, default=[8, 200],
+                      help="target slots T of the throughput runs, each run at every T")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput run")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   parser.add_argument("--meshes", nargs="*", default=["1,8,1", "2,4,1"],
@@ -348,7 +386,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.worker == "throughput":
     print(json.dumps(worker_throughput(args.model, args.stage, args.global_batch, args.steps,
-                                       args.warmup)))
+                                       args.warmup, args.targets[0])))
     return
   if args.worker == "memory":
     mesh = tuple(int(n) for n in args.mesh.split(","))
@@ -370,10 +408,12 @@ def main() -> None:
     record.update({part: earlier.get(part, []) for part, run in
                    (("throughput", args.throughput), ("memory", args.meshes)) if not run})
   for model, stage in _parse_throughput(args.throughput):
-    record["throughput"].append(_run(
-        ["--worker", "throughput", "--model", model, "--stage", str(stage), "--global-batch",
-         str(THROUGHPUT_BATCH[model]), "--steps", str(args.steps), "--warmup", str(args.warmup)],
-        {"model": model, "stage": stage}, args.timeout_minutes * 60))
+    for targets in args.targets:
+      record["throughput"].append(_run(
+          ["--worker", "throughput", "--model", model, "--stage", str(stage), "--global-batch",
+           str(THROUGHPUT_BATCH[model]), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--targets", str(targets)],
+          {"model": model, "stage": stage, "max_targets": targets}, args.timeout_minutes * 60))
   simulated = {"XLA_FLAGS": " ".join(filter(None, [
       os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={MESH_DEVICES}"])),
       "JAX_PLATFORMS": "cpu"}

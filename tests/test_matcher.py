@@ -86,6 +86,26 @@ def test_optimal_cost_equals_scipy_with_padding(b, q, t):
     assert not np.asarray(m.matched)[1].any()
 
 
+@pytest.mark.parametrize("most", [0, 1, 8, 9, 33, 64, 65, 129, 200])
+def test_released_sizes_equal_scipy(most):
+  """The recipe's Q = T = 200, 44 images (a stage-1 step's Hungarian problems), up to `most`
+  valid GT scattered over the slots, so that every packed size of the solve is used; predictions
+  random or near the GT, some GT duplicated (tied costs)."""
+  rng = np.random.default_rng(most)
+  b, q, t = 44, 200, 200
+  logits, pred, gt = _inputs(rng, b, q, t)
+  pred[b // 2:] = _near_gt(rng, gt[b // 2:], q)
+  gt[::3, 1::2] = gt[::3, 0::2]  # duplicated boxes in a third of the images
+  counts = np.minimum(rng.integers(0, most + 1, b), most)
+  counts[0] = most
+  valid = np.zeros((b, t), bool)
+  for i, n in enumerate(counts):
+    valid[i, rng.permutation(t)[:n]] = True
+  m = _match(logits, pred, gt, valid)
+  _check_assignment(m, valid)
+  _assert_optimal(m, _cost(logits, pred, gt), valid)
+
+
 def test_one_target_picks_the_cheapest_query():
   rng = np.random.default_rng(5)
   logits, pred, gt = _inputs(rng, 2, 50, 3)
@@ -139,15 +159,33 @@ def test_ties_identical_boxes():
   assert not np.asarray(_o2m(logits[:1], pred[:1], gt[:1], valid[:1])).any()
 
 
-def test_more_targets_than_queries_rejected():
+def test_more_valid_targets_than_queries_match_every_query():
+  """T > Q: images with at most Q valid GT match each of them; images with more match every
+  query to a distinct GT at scipy's optimum of the wide problem, the other slots get -1."""
   rng = np.random.default_rng(8)
-  logits, pred, gt = _inputs(rng, 1, 3, 5)
-  with pytest.raises(ValueError, match=r"5 GT slots.*3 queries"):
-    hungarian_match(logits, pred, gt, np.ones((1, 5), bool))
-  with pytest.raises(ValueError, match=r"5 GT slots.*3 queries"):
-    _match(logits, pred, gt, np.zeros((1, 5), bool))  # even if few are valid
+  b, q, t = 4, 6, 11
+  logits, pred, gt = _inputs(rng, b, q, t)
+  valid = np.zeros((b, t), bool)
+  valid[0, [1, 4, 9]] = True  # fewer than Q
+  valid[1, rng.permutation(t)[:q]] = True  # exactly Q
+  valid[2, rng.permutation(t)[:9]] = True  # more than Q
+  valid[3] = True  # every slot
+  m = _match(logits, pred, gt, valid)
+  qfg, gfq = np.asarray(m.query_for_gt), np.asarray(m.gt_for_query)
+  cost = np.asarray(_cost(logits, pred, gt), np.float64)
+  _check_assignment(jax.tree.map(lambda x: x[:2], m), valid[:2])
+  _assert_optimal(jax.tree.map(lambda x: x[:2], m), cost[:2], valid[:2])
+  for i in (2, 3):
+    cols = np.flatnonzero(valid[i])
+    assert (gfq[i] >= 0).all() and len(set(gfq[i].tolist())) == q  # every query, distinct GT
+    assert set(gfq[i].tolist()) <= set(cols.tolist())
+    assert (qfg[i][~valid[i]] == -1).all() and (qfg[i] >= 0).sum() == q
+    assert all(qfg[i, gfq[i, j]] == j for j in range(q))
+    rows, c = linear_sum_assignment(cost[i][:, cols])
+    np.testing.assert_allclose(cost[i, np.arange(q), gfq[i]].sum(), cost[i][:, cols][rows, c].sum(),
+                               rtol=COST_RTOL, atol=COST_ATOL)
   with pytest.raises(ValueError, match="topk=4"):
-    one_to_many_match(logits, pred, gt, np.ones((1, 5), bool), topk=4)
+    one_to_many_match(logits[:, :3], pred[:, :3], gt, valid, topk=4)
 
 
 def test_vmap_over_layers_under_jit():

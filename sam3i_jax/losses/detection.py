@@ -124,11 +124,16 @@ class _Targets(NamedTuple):
   # divided by it are the replica average of the reference's per-replica sums / N
 
 
+def _valid_boxes(boxes: jax.Array, target_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(boxes with padded slots replaced by a dummy box, valid as bool)."""
+  valid = jnp.asarray(target_valid).astype(bool)
+  return jnp.where(valid[..., None], jnp.asarray(boxes, jnp.float32),
+                   jnp.asarray(_DUMMY_BOX, jnp.float32)), valid
+
+
 def _prepare_targets(targets: DetectionTargets, mask_size: Sequence[int],
                      num_replicas: int) -> _Targets:
-  valid = jnp.asarray(targets.target_valid).astype(bool)
-  boxes = jnp.where(valid[..., None], jnp.asarray(targets.boxes, jnp.float32),
-                    jnp.asarray(_DUMMY_BOX, jnp.float32))
+  boxes, valid = _valid_boxes(targets.boxes, targets.target_valid)
   visible = jnp.any(valid & (boxes[..., 2] > 0) & (boxes[..., 3] > 0), axis=-1)
   masks = resize_bool_masks(jnp.asarray(targets.masks), mask_size) & valid[..., None, None]
   num_boxes = jnp.maximum(valid.sum().astype(jnp.float32) / num_replicas, 1.0)
@@ -165,7 +170,7 @@ def _branches(outputs: Outputs, o2m_weight: float) -> list[_Branch]:
   return branches
 
 
-def _assignments(branches: list[_Branch], tg: _Targets) -> list[jax.Array]:
+def _assignments(branches: list[_Branch], boxes: jax.Array, valid: jax.Array) -> list[jax.Array]:
   """(B, Q, T) bool query-to-GT assignment of every branch; the Hungarian problems of all
   branches are solved in one batched call."""
   hungarian = [b for b in branches if not b.one_to_many]
@@ -174,12 +179,21 @@ def _assignments(branches: list[_Branch], tg: _Targets) -> list[jax.Array]:
     match = hungarian_match(
       jnp.concatenate([b.out["pred_logits"] for b in hungarian]),
       jnp.concatenate([b.out["pred_boxes"] for b in hungarian]),
-      jnp.tile(tg.boxes, (len(hungarian), 1, 1)), jnp.tile(tg.valid, (len(hungarian), 1)))
+      jnp.tile(boxes, (len(hungarian), 1, 1)), jnp.tile(valid, (len(hungarian), 1)))
     num_queries = hungarian[0].out["pred_logits"].shape[1]
     assigned = match.query_for_gt[:, None, :] == jnp.arange(num_queries)[:, None]
     solved = list(jnp.split(assigned, len(hungarian)))
-  return [one_to_many_match(b.out["pred_logits"], b.out["pred_boxes"], tg.boxes, tg.valid)
+  return [one_to_many_match(b.out["pred_logits"], b.out["pred_boxes"], boxes, valid)
           if b.one_to_many else solved.pop(0) for b in branches]
+
+
+def branch_assignments(outputs: Outputs, boxes: jax.Array,
+                       target_valid: jax.Array) -> dict[str, jax.Array]:
+  """The matching alone, as `detection_loss` does it: term suffix ("", "_o2m", "_aux_0", ...)
+  -> (B, Q, T) bool query-to-GT assignment of that prediction set (for measuring its cost)."""
+  boxes, valid = _valid_boxes(boxes, target_valid)
+  branches = _branches(outputs, 1.0)
+  return {b.suffix: a for b, a in zip(branches, _assignments(branches, boxes, valid))}
 
 
 def _box_terms(out: Outputs, tg: _Targets, assign: jax.Array) -> dict[str, jax.Array]:
@@ -303,7 +317,7 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
       total = total + getattr(weights, name) * terms[name + suffix]
 
   branches = _branches(outputs, weights.o2m)
-  for branch, assign in zip(branches, _assignments(branches, tg)):
+  for branch, assign in zip(branches, _assignments(branches, tg.boxes, tg.valid)):
     add(_box_terms(branch.out, tg, assign), branch.suffix, branch.weight)
     add(_classification_terms(branch.out, tg, assign, pad_num_queries, iou_aware_targets),
         branch.suffix, branch.weight)

@@ -4,8 +4,9 @@ Ports of `sam3.train.matcher.BinaryHungarianMatcherV2` (as built for training: f
 cost_class=2, cost_bbox=5, cost_giou=2, alpha=0.25, gamma=2, stable=False,
 remove_samples_with_0_gt=True) and `BinaryOneToManyMatcher` (as configured: alpha=0.3,
 threshold=0.4, topk=4). The reference packs a variable number of targets per image; here the
-targets are padded to a static T with a validity mask, and the assignment problem is solved on
-the device with `optax.assignment.hungarian_algorithm` instead of scipy on the host.
+targets are padded to a static T with a validity mask, and the assignment problems are solved on
+the device by `sam3i_jax.losses.assignment` (shortest augmenting paths over the valid targets
+only, as scipy's solver) instead of scipy on the host.
 
 Shapes: B images, Q queries, T ground-truth slots (padded). Boxes are normalised cxcywh.
 """
@@ -17,12 +18,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from sam3i_jax.losses import assignment
 
 
 _BIG_COST = 1e6
+# Slot counts that the valid GT are packed into before the cost matrix is built (T is the last):
+# a batch pays for its largest valid count rounded up to one of these, not for all T slots.
+_SLOT_BUCKETS = (8, 32, 64, 128)
 
 
 class HungarianMatch(NamedTuple):
@@ -69,27 +73,34 @@ def hungarian_cost(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.
   return cost_bbox * l1 + cost_class * focal[..., None] - cost_giou * giou
 
 
-def _solve_one(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One image: cost (Q, T), valid (T,) -> query_for_gt (T,), gt_for_query (Q,).
+def _solve_batch(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cost (B, Q, T), valid (B, T) -> query_for_gt (B, T), gt_for_query (B, Q).
 
-  Padded columns get the constant cost 0. With T <= Q every column is assigned, so any full
-  assignment costs (its cost on the valid columns) + 0, and the valid columns of any valid-only
-  assignment can always be completed with free rows for the padded ones (Q - n_valid >= T -
-  n_valid). Hence a full optimum restricted to the valid columns is an optimum of the valid
-  sub-problem, and the rows given to padded columns are discarded.
+  The valid GT slots are the rows that `assignment.solve` assigns, one augmenting path each, so
+  padded slots cost no search. If an image has more valid GT than queries (possible only when
+  T > Q), the queries are the rows instead: every query gets a distinct valid GT, as scipy's
+  linear_sum_assignment does on a wide matrix. Both orientations share one (B, S, S) frame,
+  S = max(Q, T); with T <= Q the frame is just the transposed (B, T, Q) cost.
   """
-  num_queries, num_targets = cost.shape
-  # non-finite costs (NaN/inf predictions) would leave the solver's potentials undefined
+  batch, num_queries, num_targets = cost.shape
+  # non-finite costs (NaN/inf predictions) would leave the solver's duals undefined
   cost = jnp.nan_to_num(cost, nan=_BIG_COST, posinf=_BIG_COST, neginf=-_BIG_COST)
-  cost = jnp.where(valid[None, :], cost, 0.0)
-  rows, cols = optax.assignment.hungarian_algorithm(cost)  # T pairs (rows = queries)
-  query_for_gt = jnp.zeros(num_targets, jnp.int32).at[cols].set(rows.astype(jnp.int32))
-  query_for_gt = jnp.where(valid, query_for_gt, -1)
-  # padded slots scatter out of bounds and are dropped
-  gt_for_query = jnp.full(num_queries, -1, jnp.int32).at[
-    jnp.where(valid, query_for_gt, num_queries)].set(
-      jnp.arange(num_targets, dtype=jnp.int32), mode="drop")
-  return query_for_gt, gt_for_query
+  by_target = jnp.swapaxes(cost, 1, 2)  # rows = GT slots, columns = queries
+  if num_targets <= num_queries:
+    query_for_gt, gt_for_query, _ = assignment.solve(by_target, valid)
+    return jnp.where(valid, query_for_gt, -1), gt_for_query
+  size = num_targets
+  by_query = jnp.pad(cost, ((0, 0), (0, size - num_queries), (0, 0)))  # rows = queries
+  by_target = jnp.pad(by_target, ((0, 0), (0, 0), (0, size - num_queries)))
+  is_query = jnp.arange(size) < num_queries
+  wide = valid.sum(-1) > num_queries  # more valid GT than queries: queries are the rows
+  frame = jnp.where(wide[:, None, None], by_query, by_target)
+  rows = jnp.where(wide[:, None], is_query, valid)
+  cols = jnp.where(wide[:, None], valid, is_query)
+  col_for_row, row_for_col, _ = assignment.solve(frame, rows, cols)
+  query_for_gt = jnp.where(wide[:, None], row_for_col, col_for_row)
+  gt_for_query = jnp.where(wide[:, None], col_for_row, row_for_col)[:, :num_queries]
+  return jnp.where(valid, query_for_gt, -1), gt_for_query
 
 
 def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.Array,
@@ -109,31 +120,46 @@ def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax
     `HungarianMatch` (query_for_gt (B, T), gt_for_query (B, Q), matched (B, Q)). Every valid
     slot gets a distinct query, minimising the sum of `hungarian_cost` over the valid slots (as
     scipy's linear_sum_assignment on the valid columns; among tied optima the choice may differ).
-    An image without valid GT has every query unmatched (the reference skips such images).
+    An image with more valid GT than queries has every query matched to a distinct GT, again at
+    scipy's optimum, and its other valid slots get -1. An image without valid GT has every query
+    unmatched (the reference skips such images).
 
-  Raises:
-    ValueError at trace time if T > Q. Since the valid targets are at most T, the number of
-    valid targets can then never exceed Q at run time, so no run-time check is needed.
-
-  Not differentiable (inputs pass through stop_gradient). The solver runs per image under vmap
-  in float32: the total cost is optimal up to float32 rounding. Non-finite costs (NaN or inf
-  predictions) are replaced by +-1e6, so the solver always terminates with a valid assignment.
+  The work follows the valid GT, not the T slots: the valid slots are packed first and the cost
+  and the solver (`assignment.solve`) see only the first k slots, k the batch's largest valid
+  count rounded up to a size in `_SLOT_BUCKETS` (one `lax.switch` branch per size). Not
+  differentiable (inputs pass through stop_gradient). The solver runs in float32: the total
+  cost is optimal up to float32 rounding. Non-finite costs (NaN or inf predictions) are replaced
+  by +-1e6, so the solver always terminates with a valid assignment.
   """
   pred_logits = _logits_bq(pred_logits)
   batch, num_queries = pred_logits.shape
   num_targets = gt_boxes.shape[-2]
-  if num_targets > num_queries:
-    raise ValueError(
-      f"hungarian_match: {num_targets} GT slots (T) exceed the {num_queries} queries (Q); "
-      "one-to-one matching needs T <= Q")
   if num_targets == 0:
     return HungarianMatch(jnp.zeros((batch, 0), jnp.int32),
                           jnp.full((batch, num_queries), -1, jnp.int32),
                           jnp.zeros((batch, num_queries), bool))
   pred_logits, pred_boxes, gt_boxes = jax.lax.stop_gradient((pred_logits, pred_boxes, gt_boxes))
-  cost = hungarian_cost(pred_logits, pred_boxes, gt_boxes, cost_class=cost_class,
-                        cost_bbox=cost_bbox, cost_giou=cost_giou, alpha=alpha, gamma=gamma)
-  query_for_gt, gt_for_query = jax.vmap(_solve_one)(cost, gt_valid.astype(bool))
+  valid = jnp.asarray(gt_valid).astype(bool)
+  # valid slots first (stable), so that the first k slots hold every valid GT of every image
+  order = jnp.argsort(~valid, axis=-1, stable=True).astype(jnp.int32)
+  packed_boxes = jnp.take_along_axis(gt_boxes, order[..., None], 1)
+  packed_valid = jnp.take_along_axis(valid, order, 1)
+
+  def solve_first(k: int):
+    def branch():
+      cost = hungarian_cost(pred_logits, pred_boxes, packed_boxes[:, :k], cost_class=cost_class,
+                            cost_bbox=cost_bbox, cost_giou=cost_giou, alpha=alpha, gamma=gamma)
+      query_for_slot, slot_for_query = _solve_batch(cost, packed_valid[:, :k])
+      return jnp.pad(query_for_slot, ((0, 0), (0, num_targets - k)), constant_values=-1), \
+          slot_for_query
+    return branch
+
+  sizes = sorted({min(k, num_targets) for k in _SLOT_BUCKETS} | {num_targets})
+  bucket = jnp.searchsorted(jnp.asarray(sizes), valid.sum(-1).max())  # first size >= the most
+  query_for_slot, slot_for_query = jax.lax.switch(bucket, [solve_first(k) for k in sizes])
+  query_for_gt = jnp.take_along_axis(query_for_slot, jnp.argsort(order, axis=-1), 1)
+  gt_for_query = jnp.where(slot_for_query >= 0,
+                           jnp.take_along_axis(order, jnp.maximum(slot_for_query, 0), 1), -1)
   return HungarianMatch(query_for_gt, gt_for_query, gt_for_query >= 0)
 
 
