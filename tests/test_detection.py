@@ -299,6 +299,49 @@ def test_all_negative_batch_is_finite_and_matches_reference(reference):
   np.testing.assert_allclose(float(total), _scalar(losses["core_loss"]), rtol=RTOL)
 
 
+def _in_more_slots(targets, num_slots, seed):
+  """The same targets among `num_slots` slots: the slots of each prompt at random positions in
+  their order (the order the o2m classification target depends on), garbage in the others."""
+  rng = np.random.default_rng(seed)
+  batch, slots = targets.target_valid.shape
+  boxes = (rng.normal(size=(batch, num_slots, 4)) * 9).astype(np.float32)
+  valid = np.zeros((batch, num_slots), bool)
+  masks = rng.uniform(size=(batch, num_slots, M, M)) < 0.5
+  for b in range(batch):
+    where = np.sort(rng.permutation(num_slots)[:slots])
+    boxes[b, where], valid[b, where] = targets.boxes[b], targets.target_valid[b]
+    masks[b, where] = targets.masks[b]
+  return DetectionTargets(boxes, valid, masks)
+
+
+@pytest.mark.parametrize("copies,num_slots", [(1, 40), (3, 200), (8, 45)])
+def test_padded_slots_change_nothing(copies, num_slots):
+  """The loss packs the valid slots first and computes on the smallest packed size that holds
+  them (8 / 32 / T here): scattered among more padded slots, the targets give the terms and
+  gradients of the loss computed on every slot of the original batch."""
+  batches = [make_batch(seed=20 + i) for i in range(copies)]
+  outputs = batches[0][0]
+  targets = DetectionTargets(*(np.concatenate(parts, axis=1)
+                               for parts in zip(*(t for _, t in batches))))
+  targets.target_valid[0] = True  # the largest count: 5, 15 or 40 valid slots
+  # the loss computed on every slot as given, without packing
+  unpacked = jax.jit(jax.value_and_grad(functools.partial(
+    detection._slot_loss, weights=detection.LossWeights(), num_replicas=1,
+    pad_num_queries=detection.PAD_NUM_QUERIES, scale_by_batch_size=True,
+    iou_aware_targets=True), has_aux=True), compiler_options=parity.FAST_COMPILE)
+  (total, terms), grads = unpacked(outputs, targets)
+  (total_more, terms_more), grads_more = _loss_and_grad(1)(
+    outputs, _in_more_slots(targets, num_slots, copies))
+  np.testing.assert_allclose(total_more, total, rtol=1e-6)
+  assert set(terms_more) == set(terms)
+  for k in terms:
+    np.testing.assert_allclose(terms_more[k], terms[k], rtol=1e-6, atol=1e-7, err_msg=k)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    g_more = functools.reduce(lambda x, key: x[getattr(key, "key", getattr(key, "idx", None))],
+                              path, grads_more)
+    np.testing.assert_allclose(g_more, g, rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
 def test_larger_targets_are_downsampled_on_device():
   """Targets at a larger size (not a multiple of M) give the loss of their host-side
   resize_bool_masks to M."""

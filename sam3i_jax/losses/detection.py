@@ -57,6 +57,7 @@ Deliberate differences from the reference:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -67,6 +68,7 @@ import numpy as np
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from sam3i_jax.losses.functional import (binary_cross_entropy_with_logits, dice_from_sums,
                                          dice_loss, sigmoid_focal_loss)
+from sam3i_jax.losses import packing
 from sam3i_jax.losses.matcher import hungarian_match, one_to_many_match
 from sam3i_jax.resize import resize_bool_masks
 
@@ -170,16 +172,18 @@ def _branches(outputs: Outputs, o2m_weight: float) -> list[_Branch]:
   return branches
 
 
-def _assignments(branches: list[_Branch], boxes: jax.Array, valid: jax.Array) -> list[jax.Array]:
+def _assignments(branches: list[_Branch], boxes: jax.Array, valid: jax.Array,
+                 packed: bool = False) -> list[jax.Array]:
   """(B, Q, T) bool query-to-GT assignment of every branch; the Hungarian problems of all
-  branches are solved in one batched call."""
+  branches are solved in one batched call (`packed`: see `hungarian_match`)."""
   hungarian = [b for b in branches if not b.one_to_many]
   solved = []
   if hungarian:
     match = hungarian_match(
       jnp.concatenate([b.out["pred_logits"] for b in hungarian]),
       jnp.concatenate([b.out["pred_boxes"] for b in hungarian]),
-      jnp.tile(boxes, (len(hungarian), 1, 1)), jnp.tile(valid, (len(hungarian), 1)))
+      jnp.tile(boxes, (len(hungarian), 1, 1)), jnp.tile(valid, (len(hungarian), 1)),
+      packed=packed)
     num_queries = hungarian[0].out["pred_logits"].shape[1]
     assigned = match.query_for_gt[:, None, :] == jnp.arange(num_queries)[:, None]
     solved = list(jnp.split(assigned, len(hungarian)))
@@ -303,6 +307,30 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
   if batch % num_replicas:
     raise ValueError(f"batch {batch} is not divisible by num_replicas={num_replicas}")
   outputs = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), dict(outputs))
+  targets = DetectionTargets(*(jnp.asarray(x) for x in targets))
+  order = packing.valid_first(targets.target_valid)
+
+  slot_loss = functools.partial(
+    _slot_loss, weights=weights, num_replicas=num_replicas, pad_num_queries=pad_num_queries,
+    scale_by_batch_size=scale_by_batch_size, iou_aware_targets=iou_aware_targets)
+
+  def on_first(k: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    # checkpointed: a switch branch that kept residuals of its own would hold them beside every
+    # other branch's; this way only the shared inputs are kept and the branch is recomputed
+    return jax.checkpoint(lambda out, tg, order: slot_loss(
+      out, DetectionTargets(*(packing.gather_slots(x, order[:, :k]) for x in tg))))(
+        outputs, targets, order)
+
+  # every term sums over valid slots only, and packing keeps them in slot order (the order the
+  # one-to-many classification target depends on), so the first k slots give the same loss
+  return packing.by_valid_count(targets.target_valid, on_first)
+
+
+def _slot_loss(outputs: Outputs, targets: DetectionTargets, *, weights: LossWeights,
+               num_replicas: int, pad_num_queries: int | None, scale_by_batch_size: bool,
+               iou_aware_targets: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`detection_loss` on the given slots."""
+  batch = targets.boxes.shape[0]
   mask_size = (outputs["pred_masks"] if "pred_masks" in outputs
                else outputs["semantic_seg"]).shape[-2:]
   tg = _prepare_targets(targets, mask_size, num_replicas)
@@ -317,7 +345,7 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
       total = total + getattr(weights, name) * terms[name + suffix]
 
   branches = _branches(outputs, weights.o2m)
-  for branch, assign in zip(branches, _assignments(branches, tg.boxes, tg.valid)):
+  for branch, assign in zip(branches, _assignments(branches, tg.boxes, tg.valid, packed=True)):
     add(_box_terms(branch.out, tg, assign), branch.suffix, branch.weight)
     add(_classification_terms(branch.out, tg, assign, pad_num_queries, iou_aware_targets),
         branch.suffix, branch.weight)

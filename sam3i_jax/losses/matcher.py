@@ -20,13 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sam3i_jax.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
-from sam3i_jax.losses import assignment
+from sam3i_jax.losses import assignment, packing
 
 
 _BIG_COST = 1e6
-# Slot counts that the valid GT are packed into before the cost matrix is built (T is the last):
-# a batch pays for its largest valid count rounded up to one of these, not for all T slots.
-_SLOT_BUCKETS = (8, 32, 64, 128)
 
 
 class HungarianMatch(NamedTuple):
@@ -105,8 +102,8 @@ def _solve_batch(cost: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Arra
 
 def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax.Array,
                     gt_valid: jax.Array, *, cost_class: float = 2.0, cost_bbox: float = 5.0,
-                    cost_giou: float = 2.0, alpha: float = 0.25,
-                    gamma: float = 2.0) -> HungarianMatch:
+                    cost_giou: float = 2.0, alpha: float = 0.25, gamma: float = 2.0,
+                    packed: bool = False) -> HungarianMatch:
   """Minimum-cost one-to-one matching of queries to the valid GT boxes of each image.
 
   Args:
@@ -115,6 +112,8 @@ def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax
     gt_boxes: (B, T, 4) GT boxes, cxcywh; the values in padded slots are ignored.
     gt_valid: (B, T) bool, True for real GT slots (any pattern, not only a prefix).
     cost_*, alpha, gamma: the cost of `hungarian_cost` (defaults: SAM 3 training).
+    packed: the caller has already packed the valid slots first and sized T to the batch
+      (`sam3i_jax.losses.packing`, as `detection_loss` does): solve on the slots as given.
 
   Returns:
     `HungarianMatch` (query_for_gt (B, T), gt_for_query (B, Q), matched (B, Q)). Every valid
@@ -126,7 +125,7 @@ def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax
 
   The work follows the valid GT, not the T slots: the valid slots are packed first and the cost
   and the solver (`assignment.solve`) see only the first k slots, k the batch's largest valid
-  count rounded up to a size in `_SLOT_BUCKETS` (one `lax.switch` branch per size). Not
+  count rounded up to one of `packing.SLOT_SIZES` (one `lax.switch` branch per size). Not
   differentiable (inputs pass through stop_gradient). The solver runs in float32: the total
   cost is optimal up to float32 rounding. Non-finite costs (NaN or inf predictions) are replaced
   by +-1e6, so the solver always terminates with a valid assignment.
@@ -140,26 +139,28 @@ def hungarian_match(pred_logits: jax.Array, pred_boxes: jax.Array, gt_boxes: jax
                           jnp.zeros((batch, num_queries), bool))
   pred_logits, pred_boxes, gt_boxes = jax.lax.stop_gradient((pred_logits, pred_boxes, gt_boxes))
   valid = jnp.asarray(gt_valid).astype(bool)
-  # valid slots first (stable), so that the first k slots hold every valid GT of every image
-  order = jnp.argsort(~valid, axis=-1, stable=True).astype(jnp.int32)
-  packed_boxes = jnp.take_along_axis(gt_boxes, order[..., None], 1)
-  packed_valid = jnp.take_along_axis(valid, order, 1)
 
-  def solve_first(k: int):
-    def branch():
-      cost = hungarian_cost(pred_logits, pred_boxes, packed_boxes[:, :k], cost_class=cost_class,
-                            cost_bbox=cost_bbox, cost_giou=cost_giou, alpha=alpha, gamma=gamma)
-      query_for_slot, slot_for_query = _solve_batch(cost, packed_valid[:, :k])
-      return jnp.pad(query_for_slot, ((0, 0), (0, num_targets - k)), constant_values=-1), \
-          slot_for_query
-    return branch
+  def solve(boxes: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    cost = hungarian_cost(pred_logits, pred_boxes, boxes, cost_class=cost_class,
+                          cost_bbox=cost_bbox, cost_giou=cost_giou, alpha=alpha, gamma=gamma)
+    return _solve_batch(cost, valid)
 
-  sizes = sorted({min(k, num_targets) for k in _SLOT_BUCKETS} | {num_targets})
-  bucket = jnp.searchsorted(jnp.asarray(sizes), valid.sum(-1).max())  # first size >= the most
-  query_for_slot, slot_for_query = jax.lax.switch(bucket, [solve_first(k) for k in sizes])
-  query_for_gt = jnp.take_along_axis(query_for_slot, jnp.argsort(order, axis=-1), 1)
-  gt_for_query = jnp.where(slot_for_query >= 0,
-                           jnp.take_along_axis(order, jnp.maximum(slot_for_query, 0), 1), -1)
+  if packed:
+    query_for_gt, gt_for_query = solve(gt_boxes, valid)
+  else:
+    order = packing.valid_first(valid)
+    packed_boxes = packing.gather_slots(gt_boxes, order)
+    packed_valid = packing.gather_slots(valid, order)
+
+    def solve_first(k: int) -> tuple[jax.Array, jax.Array]:
+      query_for_slot, slot_for_query = solve(packed_boxes[:, :k], packed_valid[:, :k])
+      return (jnp.pad(query_for_slot, ((0, 0), (0, num_targets - k)), constant_values=-1),
+              slot_for_query)
+
+    query_for_slot, slot_for_query = packing.by_valid_count(valid, solve_first)
+    query_for_gt = packing.gather_slots(query_for_slot, jnp.argsort(order, axis=-1))
+    gt_for_query = jnp.where(slot_for_query >= 0,
+                             jnp.take_along_axis(order, jnp.maximum(slot_for_query, 0), 1), -1)
   return HungarianMatch(query_for_gt, gt_for_query, gt_for_query >= 0)
 
 
