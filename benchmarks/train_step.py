@@ -1,6 +1,7 @@
 """Training-step cost: CPU throughput of small models, and the full-size step's memory per device.
 
-  python benchmarks/train_step.py [--throughput demo:0,1,3 mid:1,3] [--steps 5] [--warmup 2]
+  python benchmarks/train_step.py [--throughput demo:0,1,3 mid:1,3] [--targets 8 200]
+                                  [--steps 5] [--warmup 2]
                                   [--meshes 1,8,1 2,4,1] [--global-batches 8 16]
                                   [--memory-preset full] [--memory-stage 3]
                                   [--output benchmarks/results/train_step.json]
@@ -9,10 +10,13 @@ Throughput, on one CPU device (the host's cores), each run in its own process: t
 `sam3i_jax.train.step.Trainer` as `main.py` builds it (the stage's trainable parameters, the
 released AdamW groups with clipping, the demo config's LRs and per-replica loss normalisation) on
 real demo batches from the input pipeline (generated demo set, random square resize, T target
-slots). The batches are read and placed before timing. Reported: trace + lower time, compile
-time, the first step, and the median of the timed steps after `--warmup` steps (steps/s,
-examples/s). Models:
-  demo  the demo config: tiny preset with adapters, float32, global batch 8, T = 8;
+slots, each run at every `--targets` T). The batches are read and placed before timing.
+Reported: trace + lower time, compile time, the first step, the median of the timed steps after
+`--warmup` steps (steps/s, examples/s), the median time of the step's matching alone (both
+matchers, every branch, on one forward pass's outputs), the batch's largest valid target counts
+and the host-to-device bytes per example by field. A (model, stage, T) not run keeps its
+earlier record in the output file. Models:
+  demo  the demo config: tiny preset with adapters (16 queries), float32, global batch 8;
   mid   MID_SIZES below: the full model's fusion encoder, decoder, heads and adapters, a ViT and
         text encoder at half width and fewer layers, 448 px; same training settings as the demo.
 
@@ -402,11 +406,18 @@ def main() -> None:
                                 load_average_1min_at_start=os.getloadavg()[0]),
       "throughput": [], "memory": [],
   }
+  earlier = {}
   if os.path.exists(args.output):  # a part not run now keeps its earlier results
     with open(args.output) as f:
       earlier = json.load(f)
     record.update({part: earlier.get(part, []) for part, run in
                    (("throughput", args.throughput), ("memory", args.meshes)) if not run})
+  runs_now = {(model, stage, targets) for model, stage in _parse_throughput(args.throughput)
+              for targets in args.targets}
+  if args.throughput:  # so does a throughput run (model, stage, T) not repeated now
+    record["throughput"] = [
+        r for r in earlier.get("throughput", [])
+        if (r["model"], r["stage"], r.get("max_targets")) not in runs_now]
   for model, stage in _parse_throughput(args.throughput):
     for targets in args.targets:
       record["throughput"].append(_run(

@@ -317,7 +317,7 @@ def _in_more_slots(targets, num_slots, seed):
 @pytest.mark.parametrize("copies,num_slots", [(1, 40), (3, 200), (8, 45)])
 def test_padded_slots_change_nothing(copies, num_slots):
   """The loss packs the valid slots first and computes on the smallest packed size that holds
-  them (8 / 32 / T here): scattered among more padded slots, the targets give the terms and
+  them (32 or T): scattered among more padded slots, the targets give the terms and
   gradients of the loss computed on every slot of the original batch."""
   batches = [make_batch(seed=20 + i) for i in range(copies)]
   outputs = batches[0][0]

@@ -323,7 +323,7 @@ def detection_loss(outputs: Outputs, targets: DetectionTargets | Mapping[str, ja
 
   # every term sums over valid slots only, and packing keeps them in slot order (the order the
   # one-to-many classification target depends on), so the first k slots give the same loss
-  return packing.by_valid_count(targets.target_valid, on_first)
+  return packing.by_valid_count(targets.target_valid, on_first, packing.LOSS_SLOT_SIZES)
 
 
 def _slot_loss(outputs: Outputs, targets: DetectionTargets, *, weights: LossWeights,

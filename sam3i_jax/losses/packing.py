@@ -15,8 +15,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-# Slot counts the valid targets are packed into (T itself is always the last size).
+# Slot counts the valid targets are packed into (T itself is always the last size). The matcher
+# uses every size; the loss only one below T, since each size is another copy of the whole loss
+# and its gradient in the compiled step (with all five sizes the deviceless TPU compile of the
+# full-size stage-3 step took 716 s, against 481 s before any packing).
 SLOT_SIZES = (8, 32, 64, 128)
+LOSS_SLOT_SIZES = (32,)
 
 
 def valid_first(valid: jax.Array) -> jax.Array:
@@ -30,18 +34,20 @@ def gather_slots(x: jax.Array, order: jax.Array) -> jax.Array:
   return x[jnp.arange(x.shape[0])[:, None], order]
 
 
-def sizes(num_slots: int) -> tuple[int, ...]:
+def sizes(num_slots: int, slot_sizes: tuple[int, ...] = SLOT_SIZES) -> tuple[int, ...]:
   """The packed sizes for T = num_slots, ascending, T the last."""
-  return tuple(sorted({min(k, num_slots) for k in SLOT_SIZES} | {num_slots}))
+  return tuple(sorted({min(k, num_slots) for k in slot_sizes} | {num_slots}))
 
 
-def by_valid_count(valid: jax.Array, branch: Callable[[int], Any]) -> Any:
-  """branch(k) for k the smallest of `sizes(T)` that holds the batch's largest valid count.
+def by_valid_count(valid: jax.Array, branch: Callable[[int], Any],
+                   slot_sizes: tuple[int, ...] = SLOT_SIZES) -> Any:
+  """branch(k) for k the smallest of `sizes(T, slot_sizes)` that holds the batch's largest
+  valid count.
 
   One `lax.switch` branch per size (just `branch(T)` when T is the only size); `branch(k)`
   must give the same structure for every k.
   """
-  options = sizes(valid.shape[-1])
+  options = sizes(valid.shape[-1], slot_sizes)
   if len(options) == 1:
     return branch(options[0])
   most = valid.astype(jnp.int32).sum(-1).max()
