@@ -304,6 +304,12 @@ def _gb(n: float) -> str:
   return f"{n / 1e9:.2f}"
 
 
+def _optional(value: float | None, spec: str, scale: float = 1.0) -> str:
+  """`value * scale` formatted, or "-" right-aligned for a record made before the field."""
+  width = int(spec.split(".")[0])
+  return "-".rjust(width) if value is None else format(value * scale, spec)
+
+
 def _print_throughput(runs: list[dict]) -> None:
   print("\nThroughput, 1 CPU device (median step after warm-up)")
   print(f"{'model':6s} {'stage':>5s} {'params M':>9s} {'train M':>8s} {'batch':>5s} {'T':>3s} "
@@ -317,8 +323,10 @@ def _print_throughput(runs: list[dict]) -> None:
     p = r["parameters"]
     print(f"{r['model']:6s} {r['stage']:5d} {p['total'] / 1e6:9.2f} {p['trainable'] / 1e6:8.2f} "
           f"{r['global_batch']:5d} {r['max_targets']:3d} {r['lower_s']:8.1f} {r['compile_s']:9.1f} "
-          f"{r['median_step_s']:7.2f} {r['matching_s']:7.3f} {r['examples_per_s']:6.2f} "
-          f"{r['bytes_per_example']['total'] / 1e6:6.2f} {r['peak_rss_gb']:7.2f}")
+          f"{r['median_step_s']:7.2f} {_optional(r.get('matching_s'), '7.3f')} "
+          f"{r['examples_per_s']:6.2f} "
+          f"{_optional(r.get('bytes_per_example', {}).get('total', None), '6.2f', 1e-6)} "
+          f"{r['peak_rss_gb']:7.2f}")
 
 
 def _print_memory(runs: list[dict]) -> None:
@@ -439,11 +447,11 @@ def main() -> None:
            "mesh": dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))),
            "global_batch": global_batch}, args.timeout_minutes * 60, env=simulated))
   record["machine"]["load_average_1min_at_end"] = os.getloadavg()[0]
+  common.write_json(record, args.output)
   if record["throughput"]:
     _print_throughput(record["throughput"])
   if record["memory"]:
     _print_memory(record["memory"])
-  common.write_json(record, args.output)
 
 
 if __name__ == "__main__":
