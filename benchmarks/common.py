@@ -44,6 +44,23 @@ def run_worker(script: str, args: Sequence[str], env: dict[str, str] | None = No
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_call_ms(fn, args, repeats: int) -> tuple[float, float]:
+  """(median wall ms, median CPU ms) of `repeats` calls of the jitted `fn(*args)` after a warm-up
+  call (compile excluded)."""
+  import statistics
+  import time
+
+  import jax
+  jax.block_until_ready(fn(*args))
+  wall, cpu = [], []
+  for _ in range(repeats):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    wall.append((time.perf_counter() - start) * 1e3)
+    cpu.append((time.process_time() - start_cpu) * 1e3)
+  return statistics.median(wall), statistics.median(cpu)
+
+
 def write_json(record: dict[str, Any], path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:

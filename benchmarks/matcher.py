@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,19 +81,6 @@ def _inputs(rng, problems: int, valid: int, near: bool):
   return logits, pred, gt, mask
 
 
-def _time(fn, args, repeats: int) -> tuple[float, float]:
-  """(median wall ms, median CPU ms) of `repeats` calls after a warm-up call."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  wall, cpu = [], []
-  for _ in range(repeats):
-    start, start_cpu = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(*args))
-    wall.append((time.perf_counter() - start) * 1e3)
-    cpu.append((time.process_time() - start_cpu) * 1e3)
-  return statistics.median(wall), statistics.median(cpu)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +110,7 @@ def main() -> None:
         for name, fn in (("old", old), ("new", new)):
           if name == "old" and (near or args.skip_old):
             continue
-          wall, cpu = _time(fn, inputs, args.repeats)
+          wall, cpu = common.median_call_ms(fn, inputs, args.repeats)
           run = {"problems": problems, "queries": NUM_QUERIES, "slots": NUM_SLOTS,
                  "valid": valid, "inputs": "near" if near else "random", "matcher": name,
                  "wall_ms": wall, "cpu_ms": cpu, "load_average_1min": os.getloadavg()[0]}

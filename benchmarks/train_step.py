@@ -123,14 +123,9 @@ def _matching_s(model, batch, step_config, repeats: int) -> float:
   outputs = {level: outputs[level] for level in levels}
   match = jax.jit(lambda outs, boxes, valid: [branch_assignments(outs[level], boxes, valid)
                                               for level in levels])
-  args = (outputs, batch["boxes"], batch["target_valid"])
-  jax.block_until_ready(match(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(match(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  wall_ms, _ = common.median_call_ms(
+    match, (outputs, batch["boxes"], batch["target_valid"]), repeats)
+  return wall_ms / 1e3
 
 
 def worker_throughput(model_name: str, stage: int, global_batch: int, steps: int,
