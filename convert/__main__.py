@@ -7,6 +7,10 @@
   python -m convert sam3i --checkpoint PATH/checkpoint.pt --output DIR
   python -m convert migrate --input OLD_DIR --output DIR   (a converted directory written before
                                                            layers were stacked -> current layout)
+  python -m convert export --model DIR --format {sam3,hf-sam3,sam3i} --output PATH
+                           [--dtype float32|bfloat16|float16] [--safetensors]
+                           [--tracker-from ORIGINAL.pt] [--drop-adapters]
+                                                          (a converted or trained model -> PyTorch)
 """
 
 from __future__ import annotations
@@ -41,8 +45,36 @@ def main(argv=None) -> int:
                            "parameters) rewritten in the current one (stacked layers)")
   migrate.add_argument("--input", required=True, help="the converted directory to migrate")
   migrate.add_argument("--output", required=True, help="new directory for the migrated model")
+  from convert.export import DTYPES, FORMATS
+  export = sub.add_parser(
+      "export", help="a converted or trained model directory -> a PyTorch layout",
+      description="formats:\n" + "\n".join(f"  {name:8s} {text}" for name, text in FORMATS.items()),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  export.add_argument("--model", required=True, help="the converted or trained model directory")
+  export.add_argument("--format", required=True, choices=list(FORMATS), help="the layout to write")
+  export.add_argument("--output", required=True,
+                      help="new file (sam3, sam3i) or directory (hf-sam3)")
+  export.add_argument("--dtype", default="float32", choices=DTYPES,
+                      help="dtype of the floating-point tensors (default float32)")
+  export.add_argument("--safetensors", action="store_true",
+                      help="sam3: write a .safetensors file of the same keys (no RoPE tables)")
+  export.add_argument("--tracker-from", metavar="ORIGINAL.pt",
+                      help="sam3: copy the video tracker, the tracker's neck copies and the unused "
+                           "text projection from the checkpoint the model was converted from")
+  export.add_argument("--drop-adapters", action="store_true",
+                      help="sam3, hf-sam3: leave a SAM3-I model's additions out (refused otherwise)")
   args = parser.parse_args(argv)
 
+  if args.kind == "export":
+    from convert.export import export as export_model
+    try:
+      export_model(args.model, args.format, args.output, dtype=args.dtype,
+                   safetensors=args.safetensors, tracker_from=args.tracker_from,
+                   drop_adapters=args.drop_adapters)
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    return 0
   if args.kind == "migrate":
     from convert.migrate import migrate_directory
     try:

@@ -66,8 +66,11 @@ class TensorStore(MutableMapping):
     return TensorStore({mapping(k): v for k, v in self._tensors.items()}, self.source)
 
 
-def read_checkpoint(path: str) -> TensorStore:
-  """Opens a `torch.save` dict (optionally wrapped as {"model": {...}}) or a .safetensors file."""
+def read_checkpoint(path: str, *, mmap: bool = False) -> TensorStore:
+  """Opens a `torch.save` dict (optionally wrapped as {"model": {...}}) or a .safetensors file.
+
+  mmap: map a `torch.save` file instead of loading it, for reading a few of its tensors (a
+  .safetensors file is read whole either way)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
@@ -81,10 +84,10 @@ def read_checkpoint(path: str) -> TensorStore:
     import torch
   except ImportError as e:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install 'sam3i-jax[convert]'") from e
-  # Not mmap: pages of a mapped file stay resident once read, whereas separately loaded tensors are
-  # freed one by one as the converter consumes them.
+  # Not mmap by default: pages of a mapped file stay resident once read, whereas separately loaded
+  # tensors are freed one by one as the converter consumes them.
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
   except pickle.UnpicklingError as e:
     raise ValueError(
         f"{path} holds Python objects other than tensors and plain containers, which are not loaded "

@@ -1,5 +1,7 @@
 """Hugging Face transformers' SAM 3 (`Sam3Model.save_pretrained`: config.json + model.safetensors,
-possibly sharded) -> a converted directory that load_pretrained reads.
+possibly sharded) -> a converted directory that load_pretrained reads, and back (`export_hf_sam3`,
+for `python -m convert export --format hf-sam3`: the same key rules run in reverse, over the key
+list of transformers' own Sam3Model).
 
 transformers renames every module and splits each fused attention projection into q/k/v; this
 module maps its keys back to the layout of Meta's sam3.pt (which the Flax model mirrors) and then
@@ -25,7 +27,10 @@ import re
 import time
 from typing import Callable
 
+import numpy as np
+
 from convert.checkpoint_io import TensorStore, read_checkpoint
+from convert.export import TEXT_PROJECTION_DIM
 from convert.sam3 import UNUSED_TEXT_PROJECTION, convert_store
 from convert.torch_layout import ConversionError, LoadReport
 from sam3i_jax.models.config import Sam3Config, get_preset
@@ -269,3 +274,100 @@ def convert_hf_sam3(checkpoint: str, output: str, *, vocab_path: str | None = No
   points = re.compile(r"^geometry_encoder\.points_").search
   return convert_store(store, source, output, config, ignore=HF_IGNORED,
                        fresh={POINT_PROJECTIONS: points}, vocab_path=vocab_path, log=log, start=start)
+
+
+_QKV_PART = re.compile(r"^(?P<module>.*)\.(?P<part>[qkv])_proj\.(?P<leaf>weight|bias)$")
+_HF_TEXT_PROJECTION = "text_encoder.text_projection.weight"
+
+
+def hf_config_of(config: Sam3Config):
+  """transformers' Sam3Config for the model of `config` (the inverse of config_from_hf), with SAM
+  3's ViT LayerNorm eps so that transformers computes what this model computes."""
+  try:
+    from transformers.models.sam3 import configuration_sam3 as hf
+  except ImportError as e:
+    raise ConversionError("exporting to transformers' layout needs transformers: "
+                          "pip install -e '.[convert,hf]'") from e
+
+  if config.variant != "sam3":
+    raise ConversionError(f"transformers' Sam3Model holds SAM 3's detector; a {config.variant} model "
+                          "(three neck levels, joint box scores) has no transformers layout: export "
+                          "it with --format sam3")
+  vit = hf.Sam3ViTConfig(
+      hidden_size=config.vit_dim, intermediate_size=config.vit_mlp_dim,
+      num_hidden_layers=config.vit_depth, num_attention_heads=config.vit_heads,
+      image_size=config.img_size, patch_size=config.patch_size,
+      pretrain_image_size=config.pretrain_img_size, window_size=config.window_size,
+      global_attn_indexes=list(config.global_att_blocks), layer_norm_eps=META_VIT_LAYER_NORM_EPS)
+  common = dict(hidden_size=config.d_model, num_attention_heads=config.num_heads,
+                intermediate_size=config.dim_feedforward)
+  return hf.Sam3Config(
+      vision_config=hf.Sam3VisionConfig(backbone_config=vit, fpn_hidden_size=config.d_model,
+                                        scale_factors=list(config.neck_scale_factors)),
+      text_config=dict(vocab_size=config.vocab_size, hidden_size=config.text_width,
+                       intermediate_size=config.text_mlp_ratio * config.text_width,
+                       projection_dim=TEXT_PROJECTION_DIM, num_hidden_layers=config.text_layers,
+                       num_attention_heads=config.text_heads,
+                       max_position_embeddings=config.context_length, hidden_act="gelu"),
+      geometry_encoder_config=hf.Sam3GeometryEncoderConfig(
+          num_layers=config.num_geo_layers, roi_size=config.roi_size, **common),
+      detr_encoder_config=hf.Sam3DETREncoderConfig(num_layers=config.num_enc_layers, **common),
+      detr_decoder_config=hf.Sam3DETRDecoderConfig(num_layers=config.num_dec_layers,
+                                                   num_queries=config.num_queries, **common),
+      mask_decoder_config=hf.Sam3MaskDecoderConfig(hidden_size=config.d_model,
+                                                   num_attention_heads=config.num_heads))
+
+
+def _hf_tensor(key: str, shape: tuple, state: dict, scale_factors, used: set):
+  """transformers' tensor `key` from the sam3.pt-layout `state` (q/k/v cut out of the fused
+  projection, the ViT position table without the class-token row), or None if it has no source."""
+  m = _QKV_PART.match(key)
+  source = meta_key(f"{m['module']}.in_proj_{m['leaf']}" if m else key, scale_factors)
+  if source not in state:
+    return None
+  used.add(source)
+  tensor = state[source]
+  if m:
+    n = tensor.shape[0] // 3
+    tensor = tensor["qkv".index(m["part"]) * n:("qkv".index(m["part"]) + 1) * n]
+  elif source == _TRUNK + "pos_embed":
+    tensor = tensor[:, 1:]
+  if tuple(tensor.shape) != shape:
+    raise ConversionError(f"{key}: {tuple(tensor.shape)} from {source}, transformers expects {shape}")
+  return tensor
+
+
+def export_hf_sam3(config: Sam3Config, state: dict, output: str, *, dtype: str, report) -> dict:
+  """transformers' Sam3Model tensors {key: array} from `state` (the model's parameters in
+  sam3.pt's layout, SAM 3 only), and its config.json written into the new directory `output`.
+  The key list and shapes come from transformers' own Sam3Model, built on the meta device."""
+  import torch
+  import transformers
+
+  hf_config = hf_config_of(config)
+  with torch.device("meta"):
+    shapes = {k: tuple(v.shape) for k, v in transformers.Sam3Model(hf_config).state_dict().items()}
+  used, tensors = set(), {}
+  for key, shape in shapes.items():
+    tensor = _hf_tensor(key, shape, state, config.neck_scale_factors, used)
+    if tensor is None:
+      if key != _HF_TEXT_PROJECTION:
+        raise ConversionError(f"transformers' {key} {shape} has no parameter in the model")
+      tensor = np.zeros(shape, np.float32)
+      report.written["unused text projection (text_encoder.text_projection): zeros (SAM 3 never "
+                     "reads it; the converter does not keep it)"] = 1
+    tensors[key] = tensor
+  left = sorted(set(state) - used)
+  points = [k for k in left if k.startswith("geometry_encoder.points_")]
+  if len(points) != len(left):
+    raise ConversionError("parameters with no transformers key:\n  " + "\n  ".join(
+        k for k in left if k not in points))
+  if points:
+    report.left_out["point prompt projections (geometry_encoder.points_*): transformers' "
+                    "Sam3Model has no point prompts"] = len(points)
+  report.notes.append("the directory holds the model only; take the processor (tokenizer, image "
+                      "processor) from facebook/sam3")
+  os.makedirs(output)
+  hf_config.dtype = dtype
+  hf_config.save_pretrained(output)
+  return tensors

@@ -1,4 +1,4 @@
-"""PyTorch state-dict layout -> Flax NNX state, by the naming rule of sam3i_jax.models.layers.
+"""PyTorch state-dict layout <-> Flax NNX state, by the naming rule of sam3i_jax.models.layers.
 
 The Flax module tree mirrors Meta's module names, so every Flax parameter has exactly one
 PyTorch key, found from its path and the type of the module that owns it:
@@ -11,7 +11,8 @@ PyTorch key, found from its path and the type of the module that owns it:
   anything else (raw nnx.Param)           <- the same name, unchanged
   a stacked (scanned) layer's parameter P.rest (n, ...) <- P.0.rest ... P.{n-1}.rest, stacked
 
-Nothing here imports torch: state dicts arrive as {key: numpy array}.
+`load_state_dict` applies the rule one way (import), `torch_state_dict` the other (export).
+Nothing here imports torch: state dicts arrive and leave as {key: numpy array}.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def _linear_kernel(a: np.ndarray) -> np.ndarray:
 
 def _conv_kernel(a: np.ndarray) -> np.ndarray:
   return a.transpose(2, 3, 1, 0)
+
+
+def _conv_weight(a: np.ndarray) -> np.ndarray:
+  return a.transpose(3, 2, 0, 1)
+
+
+# Each import transform's inverse (a Flax array -> the PyTorch tensor's layout).
+_TO_TORCH: dict[Transform, Transform] = {
+    _identity: _identity, _linear_kernel: _linear_kernel, _conv_kernel: _conv_weight}
 
 
 _LEAF_RULES: dict[type, dict[str, tuple[str, Transform]]] = {
@@ -70,6 +80,12 @@ class TableEntry(NamedTuple):
   transform: Transform
   layer: int | None  # for a stacked (scanned) parameter: the layer this key fills
 
+  def to_torch(self) -> np.ndarray:
+    """This key's tensor in PyTorch's layout: a new C-contiguous array."""
+    array = np.asarray(self.param[...])
+    return np.array(_TO_TORCH[self.transform](array if self.layer is None else array[self.layer]),
+                    order="C")
+
 
 def param_table(model: nnx.Module) -> dict[str, TableEntry]:
   """{torch key: TableEntry} for every parameter of `model`. A parameter of a stack of n layers
@@ -91,6 +107,24 @@ def param_table(model: nnx.Module) -> dict[str, TableEntry]:
           raise AssertionError(f"two Flax parameters map to the PyTorch key {key}")
         table[key] = TableEntry(path + (name,), value, transform, layer)
   return table
+
+
+def torch_state_dict(model: nnx.Module, *, release: bool = False) -> dict[str, np.ndarray]:
+  """`model`'s parameters as a PyTorch state dict {key: new array}, the inverse of
+  load_state_dict: stacked layers unstacked, kernels in PyTorch's layout, in the parameters' dtype.
+
+  release: free each parameter's buffer as soon as its tensors are copied out, so that the peak
+  stays near one model's size (the model is unusable afterwards)."""
+  state = {}
+  by_param: dict[int, list[tuple[str, TableEntry]]] = {}
+  for key, entry in param_table(model).items():
+    by_param.setdefault(id(entry.param), []).append((key, entry))
+  for entries in by_param.values():
+    for key, entry in entries:
+      state[key] = entry.to_torch()
+    if release:
+      entries[0][1].param[...].delete()
+  return state
 
 
 @dataclasses.dataclass

@@ -25,12 +25,12 @@ import torch
 from flax import nnx
 
 from convert.__main__ import main as convert_main
+from convert.hf_sam3 import hf_config_of
 from sam3i_jax.models.config import get_preset
 from sam3i_jax.pretrained import load_pretrained
 from sam3i_jax.tokenizer import ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
-from transformers.models.sam3 import configuration_sam3 as hf_config  # noqa: E402
 
 TEXT = "the helmet of the rider on the black horse"
 BOXES = [[0.45, 0.55, 0.3, 0.4], [0.8, 0.2, 0.5, 0.3]]  # cx, cy, w, h; the second crosses the border
@@ -41,29 +41,11 @@ EPS_TOLERANCE = parity.TOL_FULL
 
 
 def hf_sam3_config(preset: str):
-  c = get_preset(preset)
-  vit = dict(hidden_size=c.vit_dim, intermediate_size=c.vit_mlp_dim, num_hidden_layers=c.vit_depth,
-             num_attention_heads=c.vit_heads, image_size=c.img_size, patch_size=c.patch_size,
-             pretrain_image_size=c.pretrain_img_size, window_size=c.window_size,
-             global_attn_indexes=list(c.global_att_blocks))
-  if VIT_EPS[preset] is not None:
-    vit["layer_norm_eps"] = VIT_EPS[preset]
-  common = dict(hidden_size=c.d_model, num_attention_heads=c.num_heads, intermediate_size=c.dim_feedforward)
-  return hf_config.Sam3Config(
-      vision_config=hf_config.Sam3VisionConfig(backbone_config=hf_config.Sam3ViTConfig(**vit),
-                                               fpn_hidden_size=c.d_model),
-      # A partial text config falls back to CLIP's defaults (quick_gelu, 77 positions): all given.
-      text_config=dict(vocab_size=c.vocab_size, hidden_size=c.text_width,
-                       intermediate_size=c.text_mlp_ratio * c.text_width, projection_dim=512,
-                       num_hidden_layers=c.text_layers, num_attention_heads=c.text_heads,
-                       max_position_embeddings=c.context_length, hidden_act="gelu"),
-      geometry_encoder_config=hf_config.Sam3GeometryEncoderConfig(
-          num_layers=c.num_geo_layers, roi_size=c.roi_size, **common),
-      detr_encoder_config=hf_config.Sam3DETREncoderConfig(num_layers=c.num_enc_layers, **common),
-      detr_decoder_config=hf_config.Sam3DETRDecoderConfig(num_layers=c.num_dec_layers,
-                                                          num_queries=c.num_queries, **common),
-      mask_decoder_config=hf_config.Sam3MaskDecoderConfig(hidden_size=c.d_model,
-                                                          num_attention_heads=c.num_heads))
+  """transformers' config of the preset (convert.hf_sam3.hf_config_of, the export's, checked
+  against the import's config_from_hf below), with the preset's ViT LayerNorm eps."""
+  config = hf_config_of(get_preset(preset))
+  config.vision_config.backbone_config.layer_norm_eps = VIT_EPS[preset] or 1e-6  # transformers' default
+  return config
 
 
 @pytest.fixture(scope="module", params=["tiny", "small"])
@@ -182,3 +164,38 @@ def test_a_sam3_video_model_directory_converts_its_detector(saved, tmp_path, cap
   for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(want, nnx.Param)),
                                nnx.to_flat_state(nnx.state(got, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
+def test_export_round_trip_loads_in_transformers_with_our_outputs(saved, tmp_path, capsys):
+  """hf-sam3 -> ours -> `convert export --format hf-sam3`: the original tensors bit for bit (the
+  unused text projection, not kept, comes back as zeros), loaded by transformers with no missing,
+  unexpected or mis-shaped key, computing our outputs; and it converts back to our parameters."""
+  _, _, hf_dir, ours = saved
+  out = tmp_path / "exported"
+  assert convert_main(["export", "--model", str(ours), "--format", "hf-sam3", "--output", str(out)]) == 0
+  assert "left out: 6 tensors: point prompt projections" in capsys.readouterr().out
+  from safetensors.torch import load_file
+  original, exported = (load_file(str(d / "model.safetensors")) for d in (hf_dir, out))
+  projection = "text_encoder.text_projection.weight"
+  assert torch.equal(exported.pop(projection), torch.zeros_like(original.pop(projection)))
+  assert sorted(exported) == sorted(original)
+  different = [k for k in original if not torch.equal(exported[k], original[k])]
+  assert not different, different[:5]
+
+  loaded, info = transformers.Sam3Model.from_pretrained(str(out), output_loading_info=True)
+  assert not any(info.values()), info
+  hf, mine = run_both(loaded.eval(), ours, BOXES, BOX_LABELS)
+  assert_match(hf, mine, parity.TOL_SMALL)  # SAM 3's ViT eps is in the exported config.json
+
+  assert convert_main(["hf-sam3", "--checkpoint", str(out), "--output", str(tmp_path / "again")]) == 0
+  want, got = load_pretrained(str(ours)), load_pretrained(str(tmp_path / "again"))
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(want, nnx.Param)),
+                               nnx.to_flat_state(nnx.state(got, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
+def test_export_of_a_sam31_model_is_refused(tmp_path, capsys):
+  from convert.hf_sam3 import hf_config_of
+  from convert.torch_layout import ConversionError
+  with pytest.raises(ConversionError, match="a sam3.1 model .* has no transformers layout"):
+    hf_config_of(get_preset("tiny").replace(variant="sam3.1"))
