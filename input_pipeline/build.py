@@ -9,6 +9,14 @@
       --json train=annotations/instances_train.json --json val=annotations/instances_val.json \\
       --images /data/my_parts/images --out /data/tfds [--negatives 0.5]
 
+  python -m input_pipeline.build --format reasonseg --dataset ReasonSeg \\
+      --json train=/data/ReasonSeg/train --json val=/data/ReasonSeg/val --out /data/tfds
+  python -m input_pipeline.build --format instructpart --dataset InstructPart \\
+      --json train=/data/InstructPart/train/train1800/<its data_*.json> --out /data/tfds
+
+(ReasonSeg: a split is its folder of JPEG + JSON pairs; InstructPart: a split's data JSON, with
+its images/ and masks/ folders beside it.)
+
 Writes `<out>/sam3i_instruct/<config>/<version>/` (config = the dataset name in snake case, e.g.
 hmpl_instruct_1to1) with TFDS's progress bars, then prints what was skipped. Point the pipeline
 config's `tfds_data_dir` at `<out>` and use kind="tfds" for the dataset. Exit status 1, with the
@@ -60,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if bool(args.json) == bool(args.manual_dir):
     parser.error("give either --json SPLIT=PATH (with --images) or --manual-dir")
-  if args.json and not args.images:
-    parser.error("--images is required with --json")
+  if args.json and not args.images and args.format not in config_lib.IMAGES_BESIDE:
+    parser.error("--images is required with --json (but for formats whose images lie beside "
+                 f"their annotations: {', '.join(config_lib.IMAGES_BESIDE)})")
   if not 0.0 <= args.negatives <= 1.0:
     parser.error(f"--negatives must be a share in [0, 1], got {args.negatives}")
   return args

@@ -18,9 +18,29 @@ RELEASED_MIXTURE = (
 HMPL_SUBSETS = ("HMPL-Instruct_1to1", "HMPL-Instruct_1toN", "HMPL-Instruct_1toAll")
 MIXTURES = ("released", "hmpl", "demo")
 DATASET_KINDS = ("json", "tfds")
-ANNOTATION_FORMATS = ("hmpl", "coco")
-# A JSON dataset's file per split when `files` does not name it: <data_root>/<name>/<this>.
-LAYOUT_FILES = {"hmpl": "sam3i_{split}.json", "coco": "instances_{split}.json"}
+ANNOTATION_FORMATS = ("hmpl", "coco", "instructpart", "reasonseg")
+# A JSON dataset's file per split when `files` does not name it: <data_root>/<name>/<this> (a
+# pattern with "*" must match one file). InstructPart keeps one data_*.json per split folder,
+# ReasonSeg a folder of JPEG + JSON pairs per split.
+LAYOUT_FILES = {"hmpl": "sam3i_{split}.json", "coco": "instances_{split}.json",
+                "instructpart": "{split}/data_*.json", "reasonseg": "{split}"}
+# Formats whose images lie beside their annotations (the entry's `images` is not used).
+IMAGES_BESIDE = ("instructpart", "reasonseg")
+
+
+def layout_file(folder: str, fmt: str, split: str) -> str:
+  """The path of a split's annotations under `folder` by LAYOUT_FILES (a "*" pattern must match
+  exactly one file; otherwise the pattern itself is returned, for the reader to name)."""
+  import glob
+  import os
+  path = os.path.join(folder, LAYOUT_FILES[fmt].format(split=split))
+  if "*" not in path:
+    return path
+  matches = sorted(glob.glob(path))
+  if len(matches) > 1:
+    raise ValueError(f"{path} matches {len(matches)} files ({matches[:3]}...): name the split's "
+                     "file in the dataset entry's `files`")
+  return matches[0] if matches else path
 
 
 def dataset_entry(name: str, images: str, kind: str = "tfds", weight: float | None = None, *,

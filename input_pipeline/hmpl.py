@@ -92,6 +92,10 @@ class Record:
   queried_category: int = -1
   kind: str = ""  # "object", "part" or "" (unknown): see the module docstring
   origin: str = ""  # "path: images[i]" for messages
+  # Compressed COCO RLE counts at (height, width) of the pixels that count in neither the
+  # intersection nor the union of the IoU (ReasonSeg's "ignore" regions, as LISA evaluates
+  # them); b"" = none.
+  ignore: bytes = b""
   image: bytes | None = None
   image_error: str | None = None
 
@@ -110,7 +114,7 @@ class Record:
         "rle_sizes": self.rle_sizes, "boxes": self.boxes, "iscrowd": self.iscrowd,
         "category_ids": self.category_ids, "annotation_ids": self.annotation_ids,
         "queried_category": self.queried_category, "kind": self.kind, "origin": self.origin,
-        "image": self.image,
+        "ignore": self.ignore.decode("ascii"), "image": self.image,
     }
 
   @classmethod
@@ -129,7 +133,9 @@ class Record:
         annotation_ids=np.asarray(features["annotation_ids"], np.int64).reshape(-1),
         queried_category=int(features["queried_category"]),
         kind=_as_text(features.get("kind", "")),  # shards of builder 1.0.0 have no kind
-        origin=_as_text(features["origin"]), image=bytes(features["image"]))
+        origin=_as_text(features["origin"]),
+        ignore=_as_text(features.get("ignore", "")).encode("ascii"),  # none before builder 1.2.0
+        image=bytes(features["image"]))
 
 
 def _as_text(value: bytes | str) -> str:
@@ -238,6 +244,24 @@ class _TextChecker:
         return False
       self.report.note("truncated_instruction", message)
     return True
+
+
+def usable_strings(strings: list[Any], labels: list[str], texts: _TextChecker | None, where: str,
+                   name: str, report: InputReport) -> tuple[str, ...] | None:
+  """The strings of one instruction list that `texts` keeps (each named `where: labels[k]`;
+  without text rules, an empty or non-string entry is a problem), or None, the problem reported,
+  when none is left (`name` says which list)."""
+  if texts is not None:
+    kept = [s for s, label in zip(strings, labels) if texts.keep(s, f"{where}: {label}")]
+  elif all(isinstance(s, str) and s.strip() for s in strings):
+    kept = list(strings)
+  else:
+    report.problem("empty_instruction", f"{where}: {name} holds an empty or non-string entry")
+    return None
+  if not kept:
+    report.problem("empty_instructions", f"{where}: {name} is missing or empty")
+    return None
+  return tuple(kept)
 
 
 def _positive_int(x: Any) -> bool:
@@ -439,18 +463,11 @@ def _parse_entry(entry: dict[str, Any], anns: Iterable[tuple[int, Any]], origin:
     return None
   levels = {}
   for level, key in JSON_LEVEL_KEYS.items():
-    strings = inst.get(key)
-    if not isinstance(strings, list):
-      strings = []
-    if texts is not None:
-      strings = [s for k, s in enumerate(strings) if texts.keep(s, f"{where}: {key}[{k}]")]
-    elif not all(isinstance(s, str) and s.strip() for s in strings):
-      report.problem("empty_instruction", f"{where}: {key} holds an empty or non-string entry")
+    strings = inst.get(key) if isinstance(inst.get(key), list) else []
+    levels[level] = usable_strings(strings, [f"{key}[{k}]" for k in range(len(strings))], texts,
+                                   where, f"text_inst_input.{key}", report)
+    if levels[level] is None:
       return None
-    if not strings:
-      report.problem("empty_instructions", f"{where}: text_inst_input.{key} is missing or empty")
-      return None
-    levels[level] = tuple(strings)
 
   parsed = []
   height, width = entry["height"], entry["width"]

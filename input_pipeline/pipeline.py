@@ -95,13 +95,14 @@ def open_source(config: ml_collections.ConfigDict, entry: Any, split: str,
   `context_length` (the text encoder's) decides which instructions are over-long.
   """
   if entry.kind == "json":
-    path = entry.files.get(split) or os.path.join(
-        config.data_root, entry.name, config_lib.LAYOUT_FILES[entry.format].format(split=split))
+    path = entry.files.get(split) or config_lib.layout_file(
+        os.path.join(config.data_root, entry.name), entry.format, split)
     rules = hmpl.TextRules(context_length=context_length,
                            overlong=config.overlong_instructions,
                            non_ascii=config.non_ascii_instructions, vocab_path=config.vocab_path)
+    images = None if entry.format in config_lib.IMAGES_BESIDE else _image_root(config, entry.images)
     return sources_lib.JsonSource(
-        path, _image_root(config, entry.images), format=entry.format, bad_input=config.bad_input,
+        path, images, format=entry.format, bad_input=config.bad_input,
         check_images=config.check_images, text_rules=rules,
         negatives=entry.negatives if split == config.train_split else 1.0, seed=config.seed)
   if entry.kind == "tfds":

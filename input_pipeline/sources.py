@@ -11,6 +11,8 @@ import os
 
 from input_pipeline import coco
 from input_pipeline import hmpl
+from input_pipeline import instructpart
+from input_pipeline import reasonseg
 
 TFDS_BUILDER_NAME = "sam3i_instruct"
 BUILD_REPORT_FILE = "build_report.json"
@@ -22,16 +24,19 @@ def tfds_config_name(dataset_name: str) -> str:
 
 
 class JsonSource:
-  """The records of one HMPL (`format="hmpl"`) or COCO instances (`"coco"`) JSON file; each read
-  fills in the image file's bytes.
+  """The records of one HMPL (`format="hmpl"`) or COCO instances (`"coco"`) JSON file, an
+  InstructPart data JSON (`"instructpart"`; images and masks in `images/` and `masks/` beside it
+  unless `image_root` says otherwise) or a ReasonSeg split folder (`"reasonseg"`, `json_path`
+  the folder; its images are in it); each read fills in the image file's bytes.
 
   Indexing validates the whole file up front (`hmpl.read_hmpl_json`, `coco.read_coco_json` with
-  `negatives` and `seed`); what was skipped is in `report`. A file that disappears or cannot be
-  read later gives a record with `image_error` set, which the transform treats as a corrupt
-  image.
+  `negatives` and `seed`, `instructpart.read_instructpart_json`,
+  `reasonseg.read_reasonseg_folder`); what was skipped is in `report`. A file that disappears or
+  cannot be read later gives a record with `image_error` set, which the transform treats as a
+  corrupt image.
   """
 
-  def __init__(self, json_path: str, image_root: str, *, format: str = "hmpl",
+  def __init__(self, json_path: str, image_root: str | None, *, format: str = "hmpl",
                bad_input: str = "error", check_images: str = "exists",
                text_rules: hmpl.TextRules | None = hmpl.TextRules(), negatives: float = 1.0,
                seed: int = 0):
@@ -43,8 +48,16 @@ class JsonSource:
     elif format == "coco":
       self.records = coco.read_coco_json(json_path, image_root, negatives=negatives, seed=seed,
                                          **options)
+    elif format == "instructpart":
+      self.image_root = image_root or os.path.join(os.path.dirname(os.path.abspath(json_path)),
+                                                   "images")
+      self.records = instructpart.read_instructpart_json(json_path, self.image_root, **options)
+    elif format == "reasonseg":
+      self.image_root = json_path
+      self.records = reasonseg.read_reasonseg_folder(json_path, **options)
     else:
-      raise ValueError(f"unknown annotation format {format!r}; use 'hmpl' or 'coco'")
+      raise ValueError(f"unknown annotation format {format!r}; use 'hmpl', 'coco', "
+                       "'instructpart' or 'reasonseg'")
 
   def __len__(self) -> int:
     return len(self.records)

@@ -77,12 +77,14 @@ def builder_config(dataset_name: str) -> Sam3iConfig:
 class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
   """Instruction segmentation datapoints (HMPL-Instruct format) as ArrayRecord shards."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "First version.",
       "1.1.0": "Adds `kind`, the target kind (object / part) that evaluation groups by. 1.0.0 "
                "shards stay readable (their records have an unknown kind); rebuild them for "
                "the object / part metrics.",
+      "1.2.0": "Adds `ignore`, the region excluded from the IoU (ReasonSeg's ignore polygons). "
+               "Older shards stay readable (no ignore region).",
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = list(_RELEASED_CONFIGS.values())
@@ -111,6 +113,7 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
         "width": tfds.features.Scalar(np.int32),
         "queried_category": tfds.features.Scalar(np.int64),
         "kind": tfds.features.Text(),
+        "ignore": tfds.features.Text(),
         "image": tfds.features.Tensor(shape=(), dtype=np.object_),
         "concept": text_list,
         "simple": text_list,
@@ -124,19 +127,20 @@ class Sam3iInstruct(tfds.core.GeneratorBasedBuilder):
     }), homepage="https://github.com/debby-0527/SAM3-I")
 
   def _inputs(self, dl_manager: tfds.download.DownloadManager) -> tuple[dict[str, str], str]:
+    beside = self._format in config_lib.IMAGES_BESIDE  # images found from the split's path
     if self._json_files is not None:
-      if self._image_root is None:
+      if self._image_root is None and not beside:
         raise ValueError("image_root is required with json_files")
       return self._json_files, self._image_root
     manual = os.fspath(dl_manager.manual_dir)
     folder = os.path.join(manual, self.builder_config.folder)
-    layout = config_lib.LAYOUT_FILES[self._format]
-    files = {s: os.path.join(folder, layout.format(split=s)) for s in SPLITS
-             if os.path.isfile(os.path.join(folder, layout.format(split=s)))}
+    files = {s: config_lib.layout_file(folder, self._format, s) for s in SPLITS}
+    files = {s: path for s, path in files.items() if os.path.exists(path)}
     if not files:
+      layout = config_lib.LAYOUT_FILES[self._format]
       raise FileNotFoundError(f"no {layout.format(split='<split>')} in {folder}"
                               f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return files, self._image_root or os.path.join(manual, "images")
+    return files, None if beside else self._image_root or os.path.join(manual, "images")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     files, image_root = self._inputs(dl_manager)

@@ -50,7 +50,7 @@ BATCH_KEYS = ("image", "tokens_concept", "tokens_simple", "tokens_complex", "box
               "content_size", "example_valid")
 HOST_KEY = "text"
 # The strings under HOST_KEY.
-EVAL_TEXT_KEYS = (*hmpl.LEVELS, "dataset", "kind", "ground_truth", "instances")
+EVAL_TEXT_KEYS = (*hmpl.LEVELS, "dataset", "kind", "ground_truth", "ignore", "instances")
 CONCEPT_CHOICES = ("random", "first")
 REFERENCE_SIZE = 1008  # SAM 3's image size, for which the train sizes are {480, 512, ..., 992}
 REFERENCE_MIN_SIZE = 480
@@ -299,7 +299,8 @@ class EvalTransform(grain.transforms.Map):
       targets = targets[:spec.max_targets]
     strings = {"concept": record.concept[item.concept_index], "simple": record.simple[0],
                "complex": record.complex[0], "dataset": item.dataset, "kind": record.kind,
-               "ground_truth": ground_truth_rle(record), "instances": instances(record)}
+               "ground_truth": ground_truth_rle(record), "ignore": record.ignore.decode("ascii"),
+               "instances": instances(record)}
     pixels = preprocess.preprocess(np.asarray(image), spec.image_size)
     example = self.maker.make(record, targets, boxes_xyxy, pixels, (image.height, image.width),
                               spec.image_size, strings, id_concept=strings["concept"])

@@ -6,7 +6,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from flax import nnx
 
-from input_pipeline import hmpl
+from input_pipeline import hmpl, instructpart, reasonseg
 from sam3i_jax.evaluation import evaluate as evaluate_lib
 from sam3i_jax.evaluation import metrics
 from sam3i_jax.models.config import get_preset
@@ -119,7 +119,8 @@ def _eval_batch():
       "example_valid": np.array([True, True, True, True, False]),
       "text": {"dataset": np.array(["A", "B", "A", "A", ""]),
                "kind": np.array(["object", "object", "part", "", ""]),
-               "ground_truth": np.array(rles), "simple": np.array(["s"] * 5),
+               "ground_truth": np.array(rles), "ignore": np.array([""] * 5, dtype=object),
+               "simple": np.array(["s"] * 5),
                "complex": np.array(["c"] * 5)}}
 
 
@@ -161,8 +162,21 @@ def test_evaluate_scores_as_the_model_variant_does(joint):
   np.testing.assert_allclose(results["all"]["gIoU"], 100 * (1 / 3 + 1 + 1 / 2) / 4 if joint else 0.0)
 
 
-def test_evaluate_knows_every_kind_the_reader_gives():
+def test_evaluate_leaves_the_ignore_region_out():
+  """Sample 0 (level simple) with its top two rows ignored: the prediction's half there no longer
+  counts, I = 10, U = 20 instead of 30."""
+  batch = _eval_batch()
+  ignore = mask_utils.encode(np.asfortranarray(box_mask(0, 2, 0, 10).astype(np.uint8)))
+  batch["text"]["ignore"][0] = ignore["counts"].decode("ascii")
+  results = evaluate_lib.evaluate(_DrawnMasks(), [batch], levels=("simple",), log=lambda _: None)
+  group = results["level=simple/kind=object"]
+  np.testing.assert_allclose(group["gIoU"], 100 * (1 / 2 + 1) / 2)
+  np.testing.assert_allclose(group["cIoU"], 100 * 30 / 40)
+
+
+def test_evaluate_knows_every_kind_the_readers_give():
   reader_kinds = {hmpl.category_kind(name) for name in ("mug", "mug:handle")}
+  reader_kinds |= {instructpart.TARGET_KIND, *reasonseg.QUERY_KINDS.values()}
   assert reader_kinds == set(evaluate_lib.TARGET_KINDS)
 
 

@@ -3,9 +3,11 @@
 For each sample and level: one forward pass (jit-compiled per level), post-processing as
 docs/design.md §2.8 (score = sigmoid(logit) * sigmoid(presence) > threshold, SAM 3.1: the logit
 alone; masks resized to the original image), the kept masks combined by the `union` (HMPL,
-Ref-ZOM) or `top1` (RefCOCO) rule, compared with the OR of all the datapoint's annotations. Metrics (`sam3i_jax.evaluation.metrics`)
-per level, per dataset (subset), per target kind (object / part, the paper's breakdown; the
-reader's rule is in `input_pipeline.hmpl`), per level x dataset and per level x kind. Samples of
+Ref-ZOM) or `top1` (RefCOCO) rule, compared with the OR of all the datapoint's annotations,
+leaving out the datapoint's ignore region if it has one (ReasonSeg's, as LISA evaluates). Metrics
+(`sam3i_jax.evaluation.metrics`) per level, per dataset (subset), per kind (object / part, the
+paper's breakdown, the reader's rule in `input_pipeline.hmpl`; ReasonSeg's short / long queries),
+per level x dataset and per level x kind. Samples of
 unknown kind (files without categories, RefCOCO-style sets) count in every group but the kind
 ones. With several processes, each evaluates its share and the per-sample rows are gathered
 before the metrics are computed.
@@ -34,7 +36,9 @@ from sam3i_jax.evaluation.postprocess import postprocess
 from sam3i_jax.preprocess import denormalize
 
 HOST_KEY = "text"  # input_pipeline.transforms.HOST_KEY (not imported: the package stays light)
-TARGET_KINDS = ("object", "part")  # what input_pipeline.hmpl.category_kind gives; "" = unknown
+# What the readers give: input_pipeline.hmpl.category_kind (object / part; InstructPart: part)
+# and ReasonSeg's query length (short / long). "" = unknown.
+TARGET_KINDS = ("object", "part", "short", "long")
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logit")
 # One gathered row per sample and level: counts, then indices into levels / datasets / kinds.
 ROW_COLUMNS = ("intersection", "union", "level", "dataset", "kind")
@@ -90,8 +94,8 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
              image_dir: str | None = None, num_images: int = 0,
              ap_datasets: Sequence[str] = (), ap_max_detections: int = 100,
              log: Callable[[str], Any] = print) -> dict[str, dict[str, float]]:
-  """-> metrics by group: "all", "level=simple", "dataset=...", "kind=object", "kind=part",
-  "level=.../dataset=..." and "level=.../kind=...". Samples of unknown kind ("") are in no kind
+  """-> metrics by group: "all", "level=simple", "dataset=...", "kind=object" (each of
+  TARGET_KINDS), "level=.../dataset=..." and "level=.../kind=...". Samples of unknown kind ("") are in no kind
   group; a kind that no sample has gives no group.
 
   batches: eval batches of the input pipeline (with the host strings, dataset name and target
@@ -128,7 +132,9 @@ def evaluate(model: nnx.Module, batches: Iterable[dict[str, Any]], *, levels: Se
         prediction = metrics_lib.combine_detections(detections["masks"], detections["scores"],
                                                      combine, (height, width))
         target = decode_ground_truth(host["ground_truth"][i], height, width)
-        inter, union = metrics_lib.intersection_union(prediction, target)
+        ignore = str(host["ignore"][i])
+        inter, union = metrics_lib.intersection_union(
+            prediction, target, decode_ground_truth(ignore, height, width) if ignore else None)
         name = str(host["dataset"][i])
         if (level, name) in detections_for_ap:
           detections_for_ap[level, name].add(str(host["instances"][i]), postprocess(

@@ -40,10 +40,18 @@ def combine_detections(masks: np.ndarray, scores: np.ndarray, rule: CombineRule,
   raise ValueError(f"unknown combine rule {rule!r}; use 'union' or 'top1'")
 
 
-def intersection_union(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
+def intersection_union(pred: np.ndarray, target: np.ndarray,
+                       ignore: np.ndarray | None = None) -> tuple[int, int]:
+  """Pixel counts of pred AND target and pred OR target, leaving out the `ignore` pixels (LISA's
+  ignore label: they count in neither)."""
   pred, target = np.asarray(pred, bool), np.asarray(target, bool)
   if pred.shape != target.shape:
     raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in size")
+  if ignore is not None:
+    ignore = np.asarray(ignore, bool)
+    if ignore.shape != target.shape:
+      raise ValueError(f"ignore region {ignore.shape} and target {target.shape} differ in size")
+    pred, target = pred & ~ignore, target & ~ignore
   return int(np.count_nonzero(pred & target)), int(np.count_nonzero(pred | target))
 
 
