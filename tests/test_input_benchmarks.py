@@ -88,6 +88,10 @@ def test_instructpart_levels_masks_and_bad_records(instructpart_split):
   assert (mug.file_name, mug.height, mug.width, mug.kind) == ("a.jpg", 20, 30, "part")
   np.testing.assert_array_equal(decode(mug, mug.rles[0]), box(20, 30, 2, 6, 3, 8).astype(bool))
   np.testing.assert_array_equal(mug.boxes, [[3, 2, 5, 4]])
+  # a hand-computed case: the handle is rows 2-5 x cols 3-7 (20 px); a prediction of rows 4-7 x
+  # cols 3-7 overlaps it in 10 px, their union is 30 px
+  prediction = box(20, 30, 4, 8, 3, 8).astype(bool)
+  assert metrics.intersection_union(prediction, decode(mug, mug.rles[0])) == (10, 30)
   assert knife.origin.endswith("data_test.json: [1] part_list[1]")
   assert knife.ignore == b""
   messages = " ".join(m for ms in report.examples.values() for m in ms)
