@@ -10,6 +10,7 @@ environment (TPU pods, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS) or from --coord
 """
 
 import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,11 +42,14 @@ def main(argv):
   elif any(value is not None for value in cluster.values()):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
   from sam3i_jax.train import loop
+  from sam3i_jax.train.config_checks import ConfigError
   from sam3i_jax.train.sharding import MeshShapeError
   try:
     loop.run(_CONFIG.value)
-  except MeshShapeError as error:
-    raise app.UsageError(f"--config.mesh.shape: {error}") from error
+  except MeshShapeError as error:  # one line, before anything compiles (no usage dump)
+    sys.exit(f"error: --config.mesh.shape: {error}")
+  except ConfigError as error:
+    sys.exit(f"error: {error}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """configs/benchmarks.py through the loop in eval mode: the demo's tiny SAM3-I model evaluated on
 small InstructPart and ReasonSeg folders in their published layouts under `data.data_root`."""
 
+import json
 import shutil
 
 import pytest
@@ -21,7 +22,10 @@ def evaluate(arg, data_root, workdir, jax_cache, bad_input="skip"):
   config.compilation_cache_dir = str(jax_cache)
   config.eval.num_images = 0
   config.lock()
-  return loop.run(config)["eval"]
+  results = loop.run(config)["eval"]
+  with open(workdir / "metrics.json") as f:  # eval mode writes it too, where the README says
+    assert json.load(f)["eval"] == results
+  return results
 
 
 def test_instructpart_reports_orps_and_trps_levels(instructpart_split, tmp_path, jax_cache):  # noqa: F811

@@ -37,6 +37,7 @@ from sam3i_jax.models.config import get_preset
 from sam3i_jax.models.sam3 import Sam3Image, host_counted_rngs, seed_dropout_streams
 from sam3i_jax.pretrained import load_pretrained, read_config, save_pretrained
 from sam3i_jax.tokenizer import find_vocab
+from sam3i_jax.train import config_checks
 from sam3i_jax.train import optimizer as optimizer_lib
 from sam3i_jax.train import sharding as sharding_lib
 from sam3i_jax.train.checkpoints import Checkpoints, abstract_with_shardings
@@ -146,11 +147,7 @@ def stage_steps(config: ml_collections.ConfigDict, stage: int, pipeline) -> int:
 
 
 def _host_batch_size(config: ml_collections.ConfigDict) -> int:
-  hosts = jax.process_count()
-  if config.train.global_batch % hosts:
-    raise ValueError(f"global_batch {config.train.global_batch} is not divisible by "
-                     f"{hosts} processes")
-  return config.train.global_batch // hosts
+  return config.train.global_batch // jax.process_count()  # a multiple: config_checks
 
 
 def _finite(metrics: dict[str, Any]) -> bool:
@@ -306,6 +303,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     # first build takes 13 s on 2 cores, 2.5 s with them cached).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   mesh = sharding_lib.make_mesh(tuple(config.mesh.shape))
+  config_checks.check(config, devices=jax.device_count(), processes=jax.process_count())
   _log(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}, "
        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}; workdir {workdir}")
   log = MetricsLog(workdir)
@@ -319,6 +317,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
       model = initial_model(config)
       results["eval"] = run_evaluation(config, model, mesh, max(config.stages), 0, log,
                                        os.path.join(workdir, "eval"))
+      _write_results(results, results_path)
+      _log(f"done: metrics in {results_path}")
       return results
     model, previous = None, None
     for stage in config.stages:
