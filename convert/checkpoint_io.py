@@ -10,6 +10,23 @@ from typing import Iterator
 import numpy as np
 
 
+class LazyTensor:
+  """A tensor of an open safetensors file: shape and dtype from its header, data read on use."""
+
+  _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+
+  def __init__(self, handle, key: str):
+    self._handle, self._key = handle, key
+    header = handle.get_slice(key)
+    self.shape = tuple(header.get_shape())
+    self.dtype = self._DTYPES.get(header.get_dtype(), header.get_dtype().lower())
+
+  def load(self):
+    return self._handle.get_tensor(self._key)
+
+
 class TensorStore(MutableMapping):
   """{key: numpy array} over a checkpoint, converting each tensor only when it is read.
 
@@ -22,7 +39,7 @@ class TensorStore(MutableMapping):
     self.source = source
 
   def __getitem__(self, key: str) -> np.ndarray:
-    t = self._tensors[key]
+    t = self.raw(key)
     if hasattr(t, "detach"):  # torch.Tensor
       import torch
       t = t.detach()
@@ -35,7 +52,12 @@ class TensorStore(MutableMapping):
     return key in self._tensors
 
   def raw(self, key: str):
-    """The tensor as stored (torch or numpy), not converted."""
+    """The tensor as stored (torch or numpy), not converted (read now from a safetensors file)."""
+    t = self._tensors[key]
+    return t.load() if isinstance(t, LazyTensor) else t
+
+  def stored(self, key: str):
+    """What holds the tensor, unread: a tensor, or a LazyTensor of a safetensors file."""
     return self._tensors[key]
 
   def __setitem__(self, key, value):
@@ -70,16 +92,13 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> TensorStore:
   """Opens a `torch.save` dict (optionally wrapped as {"model": {...}}) or a .safetensors file.
 
   mmap: map a `torch.save` file instead of loading it, for reading a few of its tensors (a
-  .safetensors file is read whole either way)."""
+  .safetensors file's tensors are always read one by one, when used)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
     from safetensors import safe_open
-    tensors = {}
-    with safe_open(path, framework="pt") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
-    return TensorStore(tensors, path)
+    handle = safe_open(path, framework="pt")  # open while its tensors are: each read on use
+    return TensorStore({key: LazyTensor(handle, key) for key in handle.keys()}, path)
   try:
     import torch
   except ImportError as e:

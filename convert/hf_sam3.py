@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from convert.checkpoint_io import TensorStore, read_checkpoint
+from convert.checkpoint_io import LazyTensor, TensorStore, read_checkpoint
 from convert.export import TEXT_PROJECTION_DIM
 from convert.sam3 import UNUSED_TEXT_PROJECTION, convert_store
 from convert.torch_layout import ConversionError, LoadReport
@@ -165,13 +165,14 @@ def to_meta_layout(store: TensorStore, scale_factors) -> TensorStore:
         del store[p]
       key, tensor = f"{m['module']}.in_proj_{m['leaf']}", fused
     else:
-      tensor = store.raw(key)
+      tensor = store.stored(key)  # read when the converter takes it
       del store[key]
     if key.startswith(("tracker_model.", "tracker_neck.")):
       tensors[key] = tensor
       continue
     new = meta_key(key, scale_factors) or key
     if new == _TRUNK + "pos_embed":
+      tensor = tensor.load() if isinstance(tensor, LazyTensor) else tensor
       tensor = torch.cat([torch.zeros_like(tensor[:, :1]), tensor], dim=1)
     tensors[new] = tensor
   return TensorStore(tensors, store.source)
@@ -256,7 +257,7 @@ def read_hf_checkpoint(path: str) -> tuple[TensorStore, dict, str]:
     with open(index) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
     stores = [read_checkpoint(os.path.join(path, shard)) for shard in shards]
-    return TensorStore({k: s.raw(k) for s in stores for k in s}, index), config, path
+    return TensorStore({k: s.stored(k) for s in stores for k in s}, index), config, path
   weights = os.path.join(path, "model.safetensors")
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
