@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 from collections.abc import MutableMapping
 from typing import Iterator
 
@@ -11,20 +13,43 @@ import numpy as np
 
 
 class LazyTensor:
-  """A tensor of an open safetensors file: shape and dtype from its header, data read on use."""
+  """A tensor of a safetensors file: shape and dtype from the file's header, the data read with a
+  plain file read when used (not memory-mapped: a mapped file's pages, once read, would stay in
+  the process's resident memory until the converter ends)."""
 
   _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
              "BOOL": "bool"}
 
-  def __init__(self, handle, key: str):
-    self._handle, self._key = handle, key
-    header = handle.get_slice(key)
-    self.shape = tuple(header.get_shape())
-    self.dtype = self._DTYPES.get(header.get_dtype(), header.get_dtype().lower())
+  def __init__(self, path: str, dtype: str, shape: list[int], start: int, end: int):
+    if dtype not in self._DTYPES:
+      raise ValueError(f"{path}: tensor dtype {dtype} is not supported")
+    self.path, self.dtype, self.shape = path, self._DTYPES[dtype], tuple(shape)
+    self._start, self._end = start, end
 
   def load(self):
-    return self._handle.get_tensor(self._key)
+    import torch
+    with open(self.path, "rb") as f:
+      f.seek(self._start)
+      data = bytearray(f.read(self._end - self._start))
+    if len(data) != self._end - self._start:
+      raise ValueError(f"{self.path}: truncated (a tensor's bytes end past the file)")
+    dtype = getattr(torch, self.dtype)
+    if not data:
+      return torch.empty(self.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(self.shape)
+
+
+def _read_safetensors(path: str) -> dict[str, LazyTensor]:
+  """The tensors of a safetensors file (8-byte little-endian header size, a JSON header of
+  {name: {"dtype", "shape", "data_offsets"}}, then the data), unread."""
+  with open(path, "rb") as f:
+    size = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(size))
+  base = 8 + size
+  return {key: LazyTensor(path, entry["dtype"], entry["shape"], base + entry["data_offsets"][0],
+                          base + entry["data_offsets"][1])
+          for key, entry in header.items() if key != "__metadata__"}
 
 
 class TensorStore(MutableMapping):
@@ -96,9 +121,10 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> TensorStore:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
-    from safetensors import safe_open
-    handle = safe_open(path, framework="pt")  # open while its tensors are: each read on use
-    return TensorStore({key: LazyTensor(handle, key) for key in handle.keys()}, path)
+    try:
+      return TensorStore(_read_safetensors(path), path)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+      raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
   try:
     import torch
   except ImportError as e:

@@ -129,3 +129,30 @@ def test_rope_tables_that_disagree_are_rejected(tmp_path, tiny, capsys):
   rc, _ = convert(tmp_path, broken)
   err = capsys.readouterr().err
   assert rc == 1 and "blocks.1.attn.freqs_cis" in err and "global block" in err
+
+
+def test_safetensors_are_read_tensor_by_tensor_as_safetensors_reads_them(tmp_path):
+  from safetensors.torch import load_file, save_file
+
+  from convert.checkpoint_io import read_checkpoint
+  gen = torch.Generator().manual_seed(0)
+  tensors = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(5, generator=gen).half(),
+             "c": torch.randn(2, 2, 2, generator=gen).bfloat16(), "d": torch.arange(7),
+             "e": torch.tensor([True, False]), "f": torch.zeros(0, 3)}
+  path = str(tmp_path / "t.safetensors")
+  save_file(tensors, path, metadata={"format": "pt"})
+  store, want = read_checkpoint(path), load_file(path)
+  assert sorted(store) == sorted(want)
+  assert store.dtypes() == {"float32": 2, "float16": 1, "bfloat16": 1, "int64": 1, "bool": 1}
+  for key, tensor in want.items():
+    assert store.shape(key) == tuple(tensor.shape)
+    got = store.raw(key)
+    assert got.dtype == tensor.dtype and torch.equal(got, tensor), key
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:-8])
+  truncated = read_checkpoint(path)
+  with pytest.raises(ValueError, match="t.safetensors: truncated"):
+    for key in want:  # the last tensor in the file lost its end
+      truncated.raw(key)
