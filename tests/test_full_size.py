@@ -21,6 +21,7 @@ import torch
 from flax import nnx
 
 from full_size_reference import BOX_LABELS, BOXES
+from sam3i_jax.models.config import Sam3Config, get_preset
 from sam3i_jax.pretrained import load_pretrained
 
 HERE = os.path.dirname(__file__)
@@ -97,11 +98,13 @@ def test_full_size_sam3_pt_converts_and_matches_reference(full_size):
     parity.assert_same_kept_sets(ours, part)
 
 
-def parameter_bytes(directory) -> int:
-  """The float32 parameters' bytes of a converted directory's model (from shapes, no weights)."""
+def parameter_bytes(model) -> int:
+  """The float32 parameters' bytes of a model: a converted directory's or a Sam3Config's (from
+  shapes, no weights)."""
   from sam3i_jax.models.sam3 import abstract_model
   from sam3i_jax.pretrained import read_config
-  params = nnx.state(abstract_model(read_config(str(directory))), nnx.Param)
+  config = model if isinstance(model, Sam3Config) else read_config(str(model))
+  params = nnx.state(abstract_model(config), nnx.Param)
   return sum(4 * int(np.prod(p.shape)) for p in jax.tree.leaves(params))
 
 
@@ -168,7 +171,10 @@ def test_full_size_exports_round_trip_bit_for_bit(full_size, tmp_path):
                2 * (tmp_path / "hf" / "model.safetensors").stat().st_size, "converting hf-sam3")
   assert_same_params(root / "converted", tmp_path / "hf_back", through_transformers=True)
 
-  convert_measured(root / "sam3.pt", tmp_path / "sam3i", env, "--adapters")
+  # SAM 3 with SAM3-I's additions: a model larger than its checkpoint, bounded by 2x the model
+  run_measured(["sam3", "--checkpoint", root / "sam3.pt", "--output", tmp_path / "sam3i",
+                "--adapters"], env, 2 * parameter_bytes(get_preset("full", adapters=True)),
+               "converting sam3.pt with --adapters")
   export(tmp_path / "sam3i", "sam3i", tmp_path / "sam3i.pt")
   run_measured(["sam3i", "--checkpoint", tmp_path / "sam3i.pt", "--output", tmp_path / "sam3i_back"],
                env, 2 * (tmp_path / "sam3i.pt").stat().st_size, "converting sam3i.pt")
