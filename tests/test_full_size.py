@@ -55,10 +55,12 @@ def convert_measured(checkpoint, output, env, *extra) -> str:
                       2 * checkpoint.stat().st_size, f"converting {checkpoint.name}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_size(tmp_path_factory):
   """(folder, env): the reference's files (sam3.pt, sam3.1_multiplex.pt, reference.npz) and
-  their conversions (converted, converted_sam3.1), each measured."""
+  their conversions (converted, converted_sam3.1), each measured. Session-scoped: the worker
+  that runs the "full_size" group may run other modules' tests between its two tests, which
+  would tear a module fixture down and build it again (3.5 minutes)."""
   root = tmp_path_factory.mktemp("full_size")
   env = {**os.environ, "PYTHONPATH": ROOT}
   run = subprocess.run([sys.executable, os.path.join(HERE, "full_size_reference.py"), str(root)],
