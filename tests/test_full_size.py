@@ -9,6 +9,7 @@ L2 <= 1e-4 per output at float32 / highest precision, and identical kept-mask se
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,7 +77,8 @@ def full_size(tmp_path_factory):
     report = json.load(f)
   assert report["variant"] == "sam3.1" and report["tensors_in_checkpoint"] == 1623, report
   assert report["loaded"] == 1101 - 4 and report["ignored"]["video tracker (tracker.*)"] == 457, report
-  return root, env
+  yield root, env
+  shutil.rmtree(root)  # ~17 GB of checkpoints
 
 
 @pytest.mark.slow
@@ -172,6 +174,8 @@ def test_full_size_exports_round_trip_bit_for_bit(full_size, tmp_path):
   run_measured(["hf-sam3", "--checkpoint", tmp_path / "hf", "--output", tmp_path / "hf_back"], env,
                2 * (tmp_path / "hf" / "model.safetensors").stat().st_size, "converting hf-sam3")
   assert_same_params(root / "converted", tmp_path / "hf_back", through_transformers=True)
+  for done in ("hf", "hf_back"):  # 3.4 GB each: the disk holds one run's files at a time
+    shutil.rmtree(tmp_path / done)
 
   # SAM 3 with SAM3-I's additions: a model larger than its checkpoint, bounded by 2x the model
   run_measured(["sam3", "--checkpoint", root / "sam3.pt", "--output", tmp_path / "sam3i",
@@ -181,3 +185,6 @@ def test_full_size_exports_round_trip_bit_for_bit(full_size, tmp_path):
   run_measured(["sam3i", "--checkpoint", tmp_path / "sam3i.pt", "--output", tmp_path / "sam3i_back"],
                env, 2 * (tmp_path / "sam3i.pt").stat().st_size, "converting sam3i.pt")
   assert_same_params(tmp_path / "sam3i", tmp_path / "sam3i_back")
+  for done in ("sam3i", "sam3i_back"):
+    shutil.rmtree(tmp_path / done)
+  (tmp_path / "sam3i.pt").unlink()
