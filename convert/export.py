@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from convert.checkpoint_io import read_checkpoint
+from convert.sam3 import _NECK, _TRUNK, NECK_COPIES, detect_variant, strip_detector_prefix
 from convert.torch_layout import ConversionError, torch_state_dict
 from sam3i_jax.models.adapters import addition_of
 from sam3i_jax.models.config import Sam3Config
@@ -46,12 +48,8 @@ FORMATS = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
-_TRUNK = "backbone.vision_backbone.trunk."
-_NECK = "backbone.vision_backbone."
 TEXT_PROJECTION = "backbone.language_backbone.encoder.text_projection"
 TEXT_PROJECTION_DIM = 512  # the output_dim Meta's builder gives the (unused) CLIP projection
-# The tracker's neck branches beside the detector's `convs`, by variant (as convert.sam3.NECK_COPIES).
-TRACKER_NECKS = {"sam3": ("sam2_convs",), "sam3.1": ("interactive_convs", "propagation_convs")}
 _HEAD, _HEAD_COPIES = "simple_query_proj.", ("complex_query_proj.", "concept_proj.")
 _LIVE_TEXT, _DEAD_TEXT = "backbone.language_backbone.", "backbone.text."
 
@@ -127,9 +125,6 @@ class _Original:
   """The checkpoint the model was converted from (`tracker_from`), checked against the model."""
 
   def __init__(self, path: str, variant: str, state: dict):
-    from convert.checkpoint_io import read_checkpoint
-    from convert.sam3 import detect_variant, strip_detector_prefix
-
     self.store = strip_detector_prefix(read_checkpoint(path, mmap=True))
     self.path = path
     found = detect_variant(self.store)
@@ -171,10 +166,10 @@ def _sam3_tensors(config: Sam3Config, state: dict, *, safetensors: bool, drop_ad
   tensors = {f"detector.{k}": v for k, v in {**state, **extra}.items()}
   if original is None:
     report.notes.append("no video tracker and no tracker neck copies ("
-                        + ", ".join(TRACKER_NECKS[config.variant]) + "): the image model has "
+                        + ", ".join(NECK_COPIES[config.variant]) + "): the image model has "
                         "none; --tracker-from ORIGINAL.pt copies them for Meta's video predictor")
     return tensors
-  necks = tuple(f"{_NECK}{branch}." for branch in TRACKER_NECKS[config.variant])
+  necks = tuple(f"{_NECK}{branch}." for branch in NECK_COPIES[config.variant])
   copied = original.keys(("tracker.",) + necks)
   for key in copied:
     tensors[key if key.startswith("tracker.") else f"detector.{key}"] = original.store.raw(key)
