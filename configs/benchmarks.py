@@ -5,8 +5,8 @@ the layout its authors publish it in.
       --config.init.checkpoint=converted/sam3i --config.data.data_root=/data \\
       [--config.data.eval_split=test] [--config.data.image_roots.coco2014=/data/coco2014]
 
-Benchmarks (BENCHMARKS; the README's "The paper's benchmarks" maps each published number to its
-group here):
+Benchmarks (BENCHMARKS; docs/evaluation.md, "The paper's benchmarks", maps each published number to
+its group here):
   hmpl          HMPL-Instruct's three subsets (SAM3-I's JSON: `<data_root>/HMPL-Instruct_1to1/
                 sam3i_val.json`, ...; COCO 2017 images in `data.image_roots.coco2017`), every
                 level, kept masks OR-ed;

@@ -43,7 +43,7 @@ RELEASED_STAGES = {
     3: dict(lr=2.56e-3, text_lr=1.6e-4, warmup_steps=1, cooldown_steps=1, epochs=4),
 }
 # The demo's runs: a near-constant LR (a long inverse-sqrt timescale) between a warmup and a
-# cooldown, binary classification targets (the README's demo section says why); stage 0 trains
+# cooldown, binary classification targets (docs/training.md, "The demo", says why); stage 0 trains
 # SAM 3 itself from scratch on the concept prompts of the 1toAll set (the only entries whose
 # concept names exactly the targets).
 DEMO_STAGES = {

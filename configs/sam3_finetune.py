@@ -87,8 +87,8 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.data.data_root = str(root)
   config.data.max_targets = 8
   config.data.eval_batch_size = 8
-  # Binary classification targets, as the demo's other runs (README, demo section): with SAM 3's
-  # IoU-aware ones the tiny model's scores sink under the 0.5 threshold in a short run.
+  # Binary classification targets, as the demo's other runs (docs/training.md, "The demo"): with
+  # SAM 3's IoU-aware ones the tiny model's scores sink under the 0.5 threshold in a short run.
   config.stage_settings.stage0.update(lr=3e-4, text_lr=1e-4, warmup_steps=10, cooldown_steps=50,
                                       timescale=2000, epochs=None, steps=300,
                                       binary_targets_from_step=0)

@@ -23,7 +23,7 @@ def evaluate(arg, data_root, workdir, jax_cache, bad_input="skip"):
   config.eval.num_images = 0
   config.lock()
   results = loop.run(config)["eval"]
-  with open(workdir / "metrics.json") as f:  # eval mode writes it too, where the README says
+  with open(workdir / "metrics.json") as f:  # eval mode writes it too, where docs/training.md says
     assert json.load(f)["eval"] == results
   return results
 
@@ -75,8 +75,8 @@ def test_the_hmpl_family_reads_sam3i_json_with_their_protocols(tmp_path):
     ("reasonseg", {"level=complex/dataset=ReasonSeg": 1, "level=complex/kind=long": 1}),
 ])
 def test_the_readme_command_on_the_example_folders(arg, groups, tmp_path, jax_cache):
-  """docs/examples/ holds one example of each published layout, as the README's "The paper's
-  benchmarks" describes; its command evaluates them with no bad input."""
+  """docs/examples/ holds one example of each published layout, as docs/evaluation.md's "The
+  paper's benchmarks" describes; its command evaluates them with no bad input."""
   import os
   root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                       "examples")

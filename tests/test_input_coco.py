@@ -133,7 +133,8 @@ def test_a_file_without_categories_is_refused(tmp_path):
 
 
 def test_the_documented_minimal_example_reads_as_the_readme_says():
-  """docs/examples/instances_minimal.json, the README's example: 2 images x 2 categories."""
+  """docs/examples/instances_minimal.json, docs/finetuning.md's example: 2 images x 2
+  categories."""
   import os
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "examples",
                       "instances_minimal.json")
