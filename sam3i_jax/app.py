@@ -284,7 +284,8 @@ def build_page(demo: Demo):
       box = (min(x0, x), min(y0, y), max(x0, x), max(y0, y))
       if box[2] - box[0] < MIN_BOX_PIXELS or box[3] - box[1] < MIN_BOX_PIXELS:
         raise InputError(f"box [{', '.join(f'{v:.0f}' for v in box)}] is under "
-                         f"{MIN_BOX_PIXELS} px wide or high: click two opposite corners")
+                         f"{MIN_BOX_PIXELS} px wide or high: click the opposite corner of "
+                         f"({x0:.0f}, {y0:.0f}) farther from it")
       exemplars.append(Exemplar(box, kind == "positive"))
       state = {**state, "exemplars": exemplars}
       message = f"added a {kind} exemplar box"

@@ -133,7 +133,7 @@ def server(tmp_path):
       if time.time() > deadline:
         pytest.fail(f"the app did not answer in 180 s:\n{(tmp_path / 'server.log').read_text()}")
       time.sleep(1)
-    yield url
+    yield types.SimpleNamespace(url=url, process=process, log=tmp_path / "server.log")
   finally:
     process.terminate()
     try:
@@ -173,12 +173,15 @@ def _text(driver, element_id: str) -> str:
   return driver.find_element(By.ID, element_id).text
 
 
-def _wait_for(driver, element_id: str, pattern: str, before: str | None = None) -> str:
-  """The element's text once it matches `pattern` (and differs from `before`)."""
+def _wait_for(driver, server, element_id: str, pattern: str, before: str | None = None) -> str:
+  """The element's text once it matches `pattern` (and differs from `before`); fails at once if
+  the server has stopped."""
   from selenium.webdriver.support.ui import WebDriverWait
   found = {}
 
   def ready(d):
+    if server.process.poll() is not None:
+      pytest.fail(f"the app exited ({server.process.returncode}):\n{server.log.read_text()}")
     text = _text(d, element_id)
     if re.search(pattern, text) and text != before:
       found["text"] = text
@@ -215,12 +218,15 @@ def _upload(driver, path):
   driver.find_element(By.CSS_SELECTOR, UPLOAD_INPUT).send_keys(str(path))
 
 
-def _segment(driver, before: str) -> str:
+def _segment(driver, server, before: str) -> str:
   from selenium.webdriver.common.by import By
   driver.find_element(By.ID, "segment").click()
-  return _wait_for(driver, "status", r"detection\(s\) above", before)
+  return _wait_for(driver, server, "status", r"detection\(s\) above", before)
 
 
+# Alone: the app, its browser, the CLI and the test's own model are four processes, which beside
+# the full-size tests' ~14 GB worker went over CI's 24 GB.
+@pytest.mark.alone
 def test_page_in_a_browser_matches_the_cli(server, browser, tmp_path):
   from selenium.webdriver.common.action_chains import ActionChains
   from selenium.webdriver.common.by import By
@@ -238,7 +244,7 @@ def test_page_in_a_browser_matches_the_cli(server, browser, tmp_path):
     cli = json.load(f)
   assert cli, "the prompt finds nothing: choose one that does, or the test proves little"
 
-  browser.get(server)
+  browser.get(server.url)
   WebDriverWait(browser, 120).until(
       lambda d: d.find_elements(By.CSS_SELECTOR, UPLOAD_INPUT))
 
@@ -246,13 +252,13 @@ def test_page_in_a_browser_matches_the_cli(server, browser, tmp_path):
   corrupt = tmp_path / "broken.png"
   corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
   _upload(browser, corrupt)
-  _wait_for(browser, "status", r"Error: broken\.png is not an image that can be read")
+  _wait_for(browser, server, "status", r"Error: broken\.png is not an image that can be read")
 
   _upload(browser, MUG)
-  loaded = _wait_for(browser, "status", r"mug\.jpg: 256 x 256 px")
+  loaded = _wait_for(browser, server, "status", r"mug\.jpg: 256 x 256 px")
   prompt = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
   prompt.send_keys("mug")
-  status = _segment(browser, loaded)
+  status = _segment(browser, server, loaded)
   assert f"concept prompt 'mug' with 0 exemplar box(es): {len(cli)} detection(s)" in status
   shown = _table(browser)
   cli_rows = [[k, round(d["score"], 3), d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2],
@@ -277,14 +283,14 @@ def test_page_in_a_browser_matches_the_cli(server, browser, tmp_path):
   for dx, dy in corners:
     ActionChains(browser).move_to_element_with_offset(image, dx, dy).click().perform()
     time.sleep(0.5)
-  listed = _wait_for(browser, "exemplars", r"1\. negative \[")
+  listed = _wait_for(browser, server, "exemplars", r"1\. negative \[")
   box = [float(v) for v in re.search(r"negative \[([^\]]+)\]", listed).group(1).split(",")]
   scale = natural / rendered
   centre = natural / 2
   expected_box = [centre + corners[0][0] * scale, centre + corners[0][1] * scale,
                   centre + corners[1][0] * scale, centre + corners[1][1] * scale]
   np.testing.assert_allclose(box, expected_box, atol=2 * scale + 1)
-  status = _segment(browser, status)
+  status = _segment(browser, server, status)
   assert "with 1 exemplar box(es)" in status
 
   predictor = Predictor.from_pretrained(str(app.DEFAULT_MODEL))
@@ -297,12 +303,12 @@ def test_page_in_a_browser_matches_the_cli(server, browser, tmp_path):
 
   # the three levels side by side, from an example's prompts
   browser.find_element(By.ID, "clear_boxes").click()
-  _wait_for(browser, "exemplars", r"no exemplar boxes")
+  _wait_for(browser, server, "exemplars", r"no exemplar boxes")
   browser.find_elements(By.CSS_SELECTOR, "#examples button.thumbnail-item")[0].click()
   example = app.examples()[0]
-  _wait_for(browser, "status", re.escape(f"{example['image']}: 256 x 256 px"))
+  _wait_for(browser, server, "status", re.escape(f"{example['image']}: 256 x 256 px"))
   browser.find_element(By.ID, "compare").click()
-  summary = _wait_for(browser, "compare_status", r"complex: \d+ detection")
+  summary = _wait_for(browser, server, "compare_status", r"complex: \d+ detection")
   image = app.read_image(str(app.EXAMPLES / example["image"]))
   for level in app.LEVELS:
     found = len(predictor.predict(image, example[level], level=level).scores)
